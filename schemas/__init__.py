@@ -1,0 +1,34 @@
+"""The wire contract: pydantic models are the source, JSON Schema files under schemas/json are exported from them."""
+
+from schemas._base import SCHEMA_VERSION
+from schemas.cost import CostRecord
+from schemas.policy import ModelPrice, ModelSpec, PolicySet, RoutePolicy
+from schemas.request import ChatMessage, InferenceRequest, Priority, Sampling, new_request_id, now_ms
+from schemas.result import CacheHit, ErrorInfo, InferenceResult, Latency, Status
+from schemas.routed import DeadLetter, RoutedRequest
+
+# Each of these is exported as schemas/json/<Name>.schema.json for producers in other languages.
+EXPORTED = (InferenceRequest, InferenceResult, CostRecord, RoutePolicy, PolicySet, RoutedRequest, DeadLetter)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "EXPORTED",
+    "CacheHit",
+    "ChatMessage",
+    "CostRecord",
+    "DeadLetter",
+    "ErrorInfo",
+    "InferenceRequest",
+    "InferenceResult",
+    "Latency",
+    "ModelPrice",
+    "ModelSpec",
+    "PolicySet",
+    "Priority",
+    "RoutePolicy",
+    "RoutedRequest",
+    "Sampling",
+    "Status",
+    "new_request_id",
+    "now_ms",
+]

@@ -1,0 +1,92 @@
+"""RoutePolicy and the set of them in force: which models a route may use and at what price."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from schemas._base import NAME_PATTERN, Message, WireModel
+
+NANO_USD_PER_USD_PER_MTOK = 1000  # $1 per 1M tokens is 1e-6 USD a token: 1000 nano-USD.
+
+
+class ModelPrice(WireModel):
+    """Prices of one model, exact in nano-USD per token."""
+
+    in_nano_usd_per_token: int = Field(ge=0)
+    out_nano_usd_per_token: int = Field(ge=0)
+
+    def cost_nano_usd(self, tokens_in: int, tokens_out: int) -> int:
+        return tokens_in * self.in_nano_usd_per_token + tokens_out * self.out_nano_usd_per_token
+
+
+class ModelSpec(WireModel):
+    tier: str = Field(pattern=NAME_PATTERN, description="small, large, frontier, ...: what the model is good for.")
+    price_in_usd_per_mtok: Decimal = Field(ge=0, description="USD per 1M prompt tokens, at most 3 decimals.")
+    price_out_usd_per_mtok: Decimal = Field(ge=0, description="USD per 1M output tokens, at most 3 decimals.")
+    max_context_tokens: int = Field(default=4096, ge=1)
+
+    @field_validator("price_in_usd_per_mtok", "price_out_usd_per_mtok")
+    @classmethod
+    def _exact(cls, price: Decimal) -> Decimal:
+        # Money stays exact: a price must map to a whole number of nano-USD per token.
+        if (price * NANO_USD_PER_USD_PER_MTOK) % 1 != 0:
+            raise ValueError("prices may have at most 3 decimals (exact in nano-USD per token)")
+        return price
+
+    @property
+    def price(self) -> ModelPrice:
+        return ModelPrice(
+            in_nano_usd_per_token=int(self.price_in_usd_per_mtok * NANO_USD_PER_USD_PER_MTOK),
+            out_nano_usd_per_token=int(self.price_out_usd_per_mtok * NANO_USD_PER_USD_PER_MTOK),
+        )
+
+
+class RoutePolicy(WireModel):
+    models: list[str] = Field(min_length=1, description="Models the route may use, primary first, then its fallbacks.")
+    max_output_tokens: int = Field(ge=1, description="A request's max_tokens is capped to this.")
+    allow_escalation: bool = Field(default=False, description="Whether 'escalate: true' may send a request to the route's last model.")
+
+
+class PolicySet(Message):
+    """Every route's policy and every model's price: what a router needs to decide."""
+
+    version: str = Field(default="1", max_length=64)
+    unknown_route: Literal["reject"] | str = Field(
+        default="reject", description="'reject', or the name of a route whose policy serves requests for unknown routes."
+    )
+    models: dict[str, ModelSpec] = Field(min_length=1)
+    routes: dict[str, RoutePolicy] = Field(min_length=1)
+
+    @field_validator("models", "routes")
+    @classmethod
+    def _names(cls, named: dict) -> dict:
+        import re
+
+        for name in named:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"{name!r} is not a valid name (letters, digits, '_', '.', '-'; at most 64)")
+        return named
+
+    @model_validator(mode="after")
+    def _references(self) -> PolicySet:
+        problems = []
+        for route, policy in self.routes.items():
+            for model in policy.models:
+                if model not in self.models:
+                    problems.append(f"routes.{route}.models: unknown model {model!r} (known: {', '.join(self.models)})")
+        if self.unknown_route != "reject" and self.unknown_route not in self.routes:
+            problems.append(f"unknown_route: {self.unknown_route!r} is neither 'reject' nor a route")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def route_for(self, route: str) -> RoutePolicy | None:
+        """The policy that serves `route`: its own, the default route's, or None (reject)."""
+        if route in self.routes:
+            return self.routes[route]
+        if self.unknown_route != "reject":
+            return self.routes[self.unknown_route]
+        return None

@@ -1,0 +1,68 @@
+"""InferenceRequest: what a producer publishes on a requests topic."""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from schemas._base import NAME_PATTERN, Message, WireModel
+
+MAX_TEXT_CHARS = 1_000_000
+
+
+class Priority(str, enum.Enum):
+    interactive = "interactive"
+    standard = "standard"
+    batch = "batch"
+
+
+class ChatMessage(WireModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(max_length=MAX_TEXT_CHARS)
+
+
+class Sampling(WireModel):
+    max_tokens: int = Field(default=256, ge=1, le=131_072)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = None
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class InferenceRequest(Message):
+    """One request for a completion, tagged with who asks (tenant), for what (route) and how urgently."""
+
+    id: str = Field(default_factory=new_request_id, min_length=1, max_length=128)
+    tenant: str = Field(pattern=NAME_PATTERN)
+    route: str = Field(pattern=NAME_PATTERN)
+    priority: Priority = Priority.standard
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=1024)
+    prompt: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    sampling: Sampling = Field(default_factory=Sampling)
+    response_schema: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    escalate: bool = Field(default=False, description="Frontier only: send to the top tier when the route permits.")
+    deadline_unix_ms: int | None = Field(default=None, ge=0, description="Answer 'expired' instead of running after this instant.")
+    max_cost_nano_usd: int | None = Field(default=None, ge=0)
+    idempotency_key: str | None = Field(default=None, max_length=256)
+    reply_to: str = Field(pattern=NAME_PATTERN, description="Results go to the reply topic of this name.")
+    prefix_key: str | None = Field(default=None, max_length=256, description="Session key: requests sharing it share a worker and its KV cache.")
+    created_at_ms: int = Field(default_factory=now_ms, ge=0)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> InferenceRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of 'messages' (chat) or 'prompt' (completion)")
+        return self

@@ -1,0 +1,52 @@
+"""InferenceResult: what comes back on a reply topic, one per request."""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic import Field
+
+from schemas._base import Message, WireModel
+
+
+class Status(str, enum.Enum):
+    ok = "ok"
+    rejected = "rejected"
+    failed = "failed"
+    expired = "expired"
+
+
+class CacheHit(str, enum.Enum):
+    none = "none"
+    exact = "exact"
+    semantic = "semantic"
+
+
+class ErrorInfo(WireModel):
+    code: str = Field(description="Stable, machine-readable: input_invalid, unknown_route, engine_error, ...")
+    message: str
+    retriable: bool = False
+
+
+class Latency(WireModel):
+    queue_ms: int = Field(default=0, ge=0, description="From the request's creation to the engine taking it.")
+    ttft_ms: int | None = Field(default=None, ge=0, description="From the engine taking it to the first output token.")
+    total_ms: int = Field(default=0, ge=0, description="From the request's creation to the result.")
+
+
+class InferenceResult(Message):
+    request_id: str
+    tenant: str
+    route: str
+    status: Status
+    output: str = ""
+    finish_reason: str | None = None
+    model: str | None = None
+    tokens_in: int = Field(default=0, ge=0)
+    tokens_out: int = Field(default=0, ge=0)
+    cached_tokens: int = Field(default=0, ge=0, description="Prompt tokens served from the engine's prefix cache.")
+    cache_hit: CacheHit = CacheHit.none
+    latency: Latency = Field(default_factory=Latency)
+    confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+    escalation_path: list[str] = Field(default_factory=list)
+    error: ErrorInfo | None = None

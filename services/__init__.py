@@ -1,0 +1,1 @@
+"""Switchyard's services: router, worker and sink, the local stack that runs them, and the CLI."""

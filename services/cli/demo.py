@@ -1,0 +1,178 @@
+"""`switchyard demo`: the local stack under a few hundred requests, and what they cost, read back from ClickHouse."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+from schemas import Status
+from services.stack.supervisor import read_state, state_path
+from services.worker import tiny_model
+from shared.client import Client
+from shared.errors import DependencyUnavailable
+from shared.settings import Settings
+from shared.topics import Topics
+
+TENANTS = {
+    "acme": "You are Acme's support assistant. Answer briefly and politely about orders and returns.",
+    "globex": "You are Globex's research helper. Explain the science behind each question step by step.",
+    "initech": "You are Initech's code reviewer. Point out the problem in the code and suggest a fix.",
+}
+ROUTES = ["chat", "reasoning"]
+# The two tiers differ in size, so the large one is slower and, in the policy, dearer.
+TINY_MODELS = {"small": dict(layers=2, hidden=128, seed=0), "large": dict(layers=4, hidden=256, seed=1)}
+WORDS = ("order return refund sea river mountain code function error value price summary explain prove "
+         "why how when where number table color music science story").split()
+STACK_START_TIMEOUT_S = 60
+WARMUP_TIMEOUT_S = 600
+
+
+def _step(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def demo(settings: Settings, *, requests: int, concurrency: int) -> int:
+    started = time.monotonic()
+    for name, shape in TINY_MODELS.items():
+        path = settings.models_dir / name
+        if not tiny_model.exists(path):
+            _step(f"generating tiny model {name!r} at {path}")
+            tiny_model.generate(path, **shape)
+    if read_state(settings):
+        raise DependencyUnavailable(f"a stack is already running on {settings.data_dir}; stop it first")
+
+    log_path = settings.data_dir / "logs" / "demo-stack.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    _step(f"starting the local stack (`switchyard up`), log in {log_path}")
+    stack = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up"], stdout=open(log_path, "wb"),
+                             stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    run_start = datetime.now(timezone.utc)
+    try:
+        state = _wait_for_stack(settings, stack)
+        stats = asyncio.run(_load(state, requests, concurrency))
+    finally:
+        _step("stopping the stack (router and workers drain, the sink flushes)")
+        if stack.poll() is None:
+            stack.send_signal(signal.SIGINT)
+        try:
+            stack.wait(180)
+        except subprocess.TimeoutExpired:
+            stack.kill()
+    _report(settings, state, stats, run_start, time.monotonic() - started)
+    return 0
+
+
+def _wait_for_stack(settings: Settings, stack: subprocess.Popen) -> dict:
+    deadline = time.monotonic() + STACK_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if stack.poll() is not None:
+            raise DependencyUnavailable(f"the stack exited with code {stack.returncode}; see its log")
+        state = read_state(settings)
+        if state and state["pid"] == stack.pid:
+            return state
+        time.sleep(0.2)
+    raise DependencyUnavailable(f"the stack did not come up within {STACK_START_TIMEOUT_S} s ({state_path(settings)})")
+
+
+def _messages(rng: random.Random, tenant: str) -> list[dict[str, str]]:
+    question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 30))) + "?"
+    return [{"role": "system", "content": TENANTS[tenant]}, {"role": "user", "content": question}]
+
+
+async def _load(state: dict, requests: int, concurrency: int) -> dict:
+    topics = Topics(state["topic_prefix"])
+    async with Client(state["bootstrap"], reply_to="demo", topics=topics) as client:
+        _step("waiting for the workers' engines (vLLM on CPU takes a minute or so to start)")
+        warm = time.monotonic()
+        await asyncio.gather(*(
+            client.complete(tenant="warmup", route=route, messages=[{"role": "user", "content": "hello"}],
+                            max_tokens=4, timeout_s=WARMUP_TIMEOUT_S)
+            for route in ROUTES
+        ))
+        _step(f"engines answering after {time.monotonic() - warm:.0f} s; "
+              f"sending {requests} requests for {len(TENANTS)} tenants over routes {', '.join(ROUTES)}")
+        rng = random.Random(7)
+        plan = [(rng.choice(list(TENANTS)), ROUTES[i % len(ROUTES)]) for i in range(requests)]
+        gate = asyncio.Semaphore(concurrency)
+        latencies: list[float] = []
+
+        async def one(tenant: str, route: str):
+            async with gate:
+                sent = time.monotonic()
+                result = await client.complete(tenant=tenant, route=route, messages=_messages(rng, tenant),
+                                               max_tokens=64, timeout_s=120)
+                latencies.append((time.monotonic() - sent) * 1000)
+                return result
+
+        load_start = time.monotonic()
+        results = await asyncio.gather(*(one(t, r) for t, r in plan))
+        wall_s = time.monotonic() - load_start
+    by_status: dict[str, int] = {}
+    for r in results:
+        by_status[r.status.value] = by_status.get(r.status.value, 0) + 1
+    latencies.sort()
+    return {
+        "sent": requests,
+        "answered": len(results),
+        "by_status": by_status,
+        "ok_tokens_out": sum(r.tokens_out for r in results if r.status == Status.ok),
+        "wall_s": wall_s,
+        "p50_ms": statistics.median(latencies),
+        "p95_ms": latencies[int(0.95 * (len(latencies) - 1))],
+    }
+
+
+def _report(settings: Settings, state: dict, stats: dict, since: datetime, elapsed_s: float) -> None:
+    from services.sink.store import CostStore
+
+    store = CostStore.connect(state["clickhouse_dsn"])
+    try:
+        rows = store.query(
+            """
+            SELECT tenant, route, model, count() AS requests, sum(tokens_in) AS tokens_in,
+                   sum(tokens_out) AS tokens_out, sum(cost_nano_usd) AS cost_nano_usd,
+                   quantile(0.5)(latency_ms) AS p50_ms, quantile(0.95)(latency_ms) AS p95_ms
+            FROM switchyard.cost_records FINAL
+            WHERE ts >= {since:DateTime64(3)} AND tenant != 'warmup'
+            GROUP BY tenant, route, model ORDER BY tenant, route, model
+            """,
+            {"since": since.replace(tzinfo=None)},
+        )
+    finally:
+        store.close()
+    header = f"{'tenant':<9} {'route':<10} {'model':<6} {'requests':>8} {'tokens in':>10} {'tokens out':>10} " \
+             f"{'cents':>9} {'p50 ms':>8} {'p95 ms':>8}"
+    print()
+    print("Cost by tenant, route and model, read back from ClickHouse (switchyard.cost_records):")
+    print(header)
+    print("-" * len(header))
+    total = {"requests": 0, "tokens_in": 0, "tokens_out": 0, "cost_nano_usd": 0}
+    for row in rows:
+        for key in total:
+            total[key] += int(row[key])
+        print(f"{row['tenant']:<9} {row['route']:<10} {row['model']:<6} {row['requests']:>8} {row['tokens_in']:>10} "
+              f"{row['tokens_out']:>10} {row['cost_nano_usd'] / 1e7:>9.4f} {row['p50_ms']:>8.0f} {row['p95_ms']:>8.0f}")
+    print("-" * len(header))
+    print(f"{'total':<27} {total['requests']:>8} {total['tokens_in']:>10} {total['tokens_out']:>10} "
+          f"{total['cost_nano_usd'] / 1e7:>9.4f}")
+    print()
+    print(f"Requests sent {stats['sent']}, answered {stats['answered']} {json.dumps(stats['by_status'])}; "
+          f"cost records booked {total['requests']}.")
+    print(f"End to end (client send to result): p50 {stats['p50_ms']:.0f} ms, p95 {stats['p95_ms']:.0f} ms; "
+          f"{stats['answered'] / stats['wall_s']:.1f} requests/s, "
+          f"{stats['ok_tokens_out'] / stats['wall_s']:.0f} output tokens/s over {stats['wall_s']:.1f} s.")
+    print(f"Demo took {elapsed_s:.0f} s in all.")
+    print()
+    print("Where the data lives:")
+    print(f"  cost records   {state['clickhouse_dsn']}  (table switchyard.cost_records, view switchyard.cost_by_hour)")
+    print(f"  models         {settings.models_dir}")
+    print(f"  stack log      {settings.data_dir / 'logs' / 'demo-stack.log'}")
+    print(f"  topics         {state['topic_prefix']}.* on the embedded broker (memory only, gone with the stack)")

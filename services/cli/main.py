@@ -1,0 +1,84 @@
+"""The `switchyard` command: run the stack or one service, make a tiny model, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from shared import lifecycle, log
+from shared.errors import SwitchyardError
+from shared.settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="switchyard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the whole platform locally (broker, Redis, chDB, router, workers, sink)")
+    up.add_argument("--models", help="comma-separated models to serve (default: every model in the policy)")
+
+    sub.add_parser("router", help="run a router (joins consumer group 'router')")
+    worker = sub.add_parser("worker", help="run a vLLM worker for one model (joins group 'worker.<model>')")
+    worker.add_argument("--model", required=True)
+    worker.add_argument("--model-path", type=Path, help="weights folder (default: <data dir>/models/<model>)")
+    worker.add_argument("--max-in-flight", type=int, default=64)
+    sub.add_parser("sink", help="run the cost sink (joins group 'sink')")
+
+    model = sub.add_parser("model", help="model utilities")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    tiny = model_sub.add_parser("tiny", help="generate a tiny Llama-style model and tokenizer (random weights)")
+    tiny.add_argument("path", type=Path)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--hidden", type=int, default=128, help="hidden size, a multiple of 64")
+    tiny.add_argument("--seed", type=int, default=0)
+
+    demo = sub.add_parser("demo", help="run the local stack, send requests for three tenants, print what they cost")
+    demo.add_argument("--requests", type=int, default=300)
+    demo.add_argument("--concurrency", type=int, default=48)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        if args.command == "up":
+            from services.stack.supervisor import up
+
+            log.setup("stack")
+            return up(settings, args.models.split(",") if args.models else None)
+        if args.command == "router":
+            from services.router.main import serve
+
+            log.setup("router")
+            lifecycle.run(lambda stop: serve(settings, stop))
+        elif args.command == "worker":
+            from services.worker.main import serve
+
+            log.setup(f"worker.{args.model}")
+            lifecycle.run(lambda stop: serve(settings, stop, model=args.model, model_path=args.model_path,
+                                             max_in_flight=args.max_in_flight))
+        elif args.command == "sink":
+            from services.sink.main import serve
+
+            log.setup("sink")
+            lifecycle.run(lambda stop: serve(settings, stop))
+        elif args.command == "model":
+            from services.worker.tiny_model import generate
+
+            path = generate(args.path, layers=args.layers, hidden=args.hidden, seed=args.seed)
+            print(f"tiny model written to {path}")
+        elif args.command == "demo":
+            from services.cli.demo import demo
+
+            log.setup("demo", "WARNING")
+            return demo(settings, requests=args.requests, concurrency=args.concurrency)
+    except SwitchyardError as exc:
+        print(f"switchyard: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

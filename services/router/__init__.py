@@ -1,0 +1,1 @@
+"""The router: route policy, model choice and forwarding to model topics."""

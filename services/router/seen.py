@@ -1,0 +1,65 @@
+"""Remembers, in Redis, which requests the router has already forwarded.
+
+The router commits its offsets after forwarding a batch; if it dies in between, the batch is
+delivered again. This log lets the router recognise those redeliveries and skip them, so a
+worker never runs a request twice because the router restarted. A request id reused for
+different content is not a redelivery: it is refused, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "switchyard:routed:"
+
+
+def content_digest(value: bytes) -> str:
+    return hashlib.blake2b(value, digest_size=12).hexdigest()
+
+
+class ForwardedLog:
+    def __init__(self, redis: Redis, window_s: int = 24 * 3600):
+        self._redis = redis
+        self._window_s = window_s
+        self.degraded = False
+
+    @staticmethod
+    def _key(tenant: str, request_id: str) -> str:
+        return f"{KEY_PREFIX}{tenant}:{request_id}"
+
+    async def lookup(self, keys: list[tuple[str, str]]) -> list[str | None]:
+        """The content digest recorded for each (tenant, request id), or None. Without Redis, all None."""
+        if not keys:
+            return []
+        try:
+            values = await self._redis.mget([self._key(t, i) for t, i in keys])
+        except RedisError as exc:
+            self._degrade(exc)
+            return [None] * len(keys)
+        self.degraded = False
+        return [v.decode() if isinstance(v, bytes) else v for v in values]
+
+    async def record(self, entries: list[tuple[str, str, str]]) -> None:
+        """Record (tenant, request id, content digest) for requests whose forwarding the broker acknowledged."""
+        if not entries:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for tenant, request_id, digest in entries:
+                    pipe.set(self._key(tenant, request_id), digest, ex=self._window_s, nx=True)
+                await pipe.execute()
+        except RedisError as exc:
+            self._degrade(exc)
+
+    def _degrade(self, exc: Exception) -> None:
+        # Routing goes on without Redis: a redelivery may then run twice, which is better
+        # than not answering at all.
+        if not self.degraded:
+            log.warning("Redis unavailable, forwarding without the redelivery check: %s", exc)
+        self.degraded = True

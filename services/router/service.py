@@ -1,0 +1,133 @@
+"""The router: applies each route's policy to incoming requests and forwards them to a model topic.
+
+Per batch: decode, refuse what is invalid, skip what was already forwarded, decide a model,
+forward keyed by prefix hash, wait for the broker's acknowledgement, record the forwarded
+ids, then commit. Committing last means a crash re-reads the batch rather than losing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+
+import orjson
+from aiokafka.structs import ConsumerRecord
+
+from schemas import InferenceRequest, PolicySet, RoutedRequest, Status, now_ms
+from services.router.seen import ForwardedLog, content_digest
+from shared import kafka
+from shared.codec import decode, encode
+from shared.errors import EscalationNotAllowed, InputError, UndecodableMessage, UnknownRoute
+from shared.outcomes import Outcomes
+from shared.prefix import prefix_hash
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+def decide(request: InferenceRequest, policies: PolicySet) -> RoutedRequest:
+    """The model and capped sampling for one request, or an InputError saying why it is refused."""
+    policy = policies.route_for(request.route)
+    if policy is None:
+        raise UnknownRoute(f"no policy for route {request.route!r} (routes: {', '.join(policies.routes)})")
+    if request.escalate:
+        if not policy.allow_escalation:
+            raise EscalationNotAllowed(f"route {request.route!r} does not allow 'escalate: true'")
+        model, reason = policy.models[-1], "escalate requested"
+    else:
+        model, reason = policy.models[0], "route primary"
+    capped = min(request.sampling.max_tokens, policy.max_output_tokens)
+    if capped != request.sampling.max_tokens:
+        request = request.model_copy(update={"sampling": request.sampling.model_copy(update={"max_tokens": capped})})
+    return RoutedRequest(
+        request=request,
+        model=model,
+        price=policies.models[model].price,
+        policy_version=policies.version,
+        received_at_ms=now_ms(),
+        reasons=[reason],
+    )
+
+
+class Router:
+    def __init__(self, *, bootstrap: str, topics: Topics, policies: PolicySet, forwarded: ForwardedLog,
+                 group_id: str = "router", max_batch: int = 500):
+        self._bootstrap = bootstrap
+        self._topics = topics
+        self.policies = policies
+        self._forwarded = forwarded
+        self._group_id = group_id
+        self._max_batch = max_batch
+        self.counts: Counter[str] = Counter()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        consumer = kafka.consumer(self._bootstrap, *self._topics.all_requests, group_id=self._group_id)
+        producer = kafka.producer(self._bootstrap)
+        await producer.start()
+        await consumer.start()
+        outcomes = Outcomes(producer, self._topics)
+        log.info("router consuming %s with policy version %s (routes: %s)",
+                 ", ".join(self._topics.all_requests), self.policies.version, ", ".join(self.policies.routes))
+        try:
+            while not stop.is_set():
+                batch = await consumer.getmany(timeout_ms=100, max_records=self._max_batch)
+                records = [r for recs in batch.values() for r in recs]
+                if records:
+                    await self._route_batch(records, outcomes)
+                    await consumer.commit()
+        finally:
+            await consumer.stop()
+            await producer.stop()
+
+    async def _route_batch(self, records: list[ConsumerRecord], outcomes: Outcomes) -> None:
+        pending: list[asyncio.Future] = []
+        decoded: list[tuple[InferenceRequest, str]] = []
+        for record in records:
+            try:
+                decoded.append((decode(InferenceRequest, record.value), content_digest(record.value)))
+            except UndecodableMessage as exc:
+                self.counts["dead_lettered"] += 1
+                pending += await outcomes.dead_letter(record, exc.code, str(exc))
+                pending += await outcomes.reply_error_to_sender(_loads_or_none(record.value), exc.code, str(exc))
+
+        known = await self._forwarded.lookup([(r.tenant, r.id) for r, _ in decoded])
+        forwarded: list[tuple[str, str, str]] = []
+        seen_in_batch: dict[tuple[str, str], str] = {}
+        for (request, digest), earlier in zip(decoded, known):
+            earlier = earlier or seen_in_batch.get((request.tenant, request.id))
+            if earlier == digest:
+                self.counts["redelivered"] += 1
+                continue
+            if earlier is not None:
+                self.counts["rejected"] += 1
+                pending += await outcomes.reject(request, Status.rejected, "duplicate_request_id",
+                                                 f"request id {request.id!r} was already used for a different request")
+                continue
+            seen_in_batch[(request.tenant, request.id)] = digest
+            pending += await self._route_one(request, outcomes)
+            forwarded.append((request.tenant, request.id, digest))
+
+        await asyncio.gather(*pending)
+        await self._forwarded.record(forwarded)
+
+    async def _route_one(self, request: InferenceRequest, outcomes: Outcomes) -> list[asyncio.Future]:
+        if request.deadline_unix_ms is not None and now_ms() > request.deadline_unix_ms:
+            self.counts["expired"] += 1
+            return await outcomes.reject(request, Status.expired, "deadline_passed",
+                                         "the request's deadline passed before it was routed")
+        try:
+            routed = decide(request, self.policies)
+        except InputError as exc:
+            self.counts["rejected"] += 1
+            return await outcomes.reject(request, Status.rejected, exc.code, str(exc))
+        self.counts["routed"] += 1
+        fut = await outcomes.send(self._topics.model(routed.model), encode(routed), prefix_hash(request).encode())
+        return [fut]
+
+
+def _loads_or_none(value: bytes | None):
+    try:
+        return orjson.loads(value) if value else None
+    except orjson.JSONDecodeError:
+        return None

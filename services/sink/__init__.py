@@ -1,0 +1,1 @@
+"""The sink: cost records from Kafka into ClickHouse."""

@@ -1,0 +1,102 @@
+"""The cost books in ClickHouse: one DDL and one set of views for chDB and for servers, through clickhouse-connect."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+import clickhouse_connect
+
+from schemas import CostRecord
+from shared.errors import ConfigError, DependencyUnavailable
+
+log = logging.getLogger(__name__)
+
+DATABASE = "switchyard"
+TABLE = f"{DATABASE}.cost_records"
+
+COLUMNS = [
+    "request_id", "attempt", "ts", "tenant", "route", "model", "priority", "status", "cache_hit",
+    "tokens_in", "tokens_out", "cached_tokens", "cost_nano_usd", "latency_ms", "ttft_ms",
+]
+
+# ReplacingMergeTree keyed on the whole record identity: a batch inserted twice (the sink died
+# between insert and commit) collapses to one row per (request, attempt). Merges do that in
+# the background, so every read goes through FINAL to count each record once.
+DDL = [
+    f"CREATE DATABASE IF NOT EXISTS {DATABASE}",
+    f"""
+    CREATE TABLE IF NOT EXISTS {TABLE} (
+        request_id String,
+        attempt UInt16,
+        ts DateTime64(3, 'UTC'),
+        tenant LowCardinality(String),
+        route LowCardinality(String),
+        model LowCardinality(String),
+        priority LowCardinality(String),
+        status LowCardinality(String),
+        cache_hit LowCardinality(String),
+        tokens_in UInt32,
+        tokens_out UInt32,
+        cached_tokens UInt32,
+        cost_nano_usd UInt64,
+        latency_ms UInt32,
+        ttft_ms Nullable(UInt32)
+    )
+    ENGINE = ReplacingMergeTree
+    PARTITION BY toYYYYMM(ts)
+    ORDER BY (tenant, route, model, toStartOfHour(ts), request_id, attempt)
+    """,
+    f"""
+    CREATE VIEW IF NOT EXISTS {DATABASE}.cost_by_hour AS
+    SELECT
+        toStartOfHour(ts) AS hour, tenant, route, model,
+        count() AS requests,
+        sum(tokens_in) AS tokens_in,
+        sum(tokens_out) AS tokens_out,
+        sum(cost_nano_usd) AS cost_nano_usd,
+        quantile(0.5)(latency_ms) AS p50_latency_ms,
+        quantile(0.95)(latency_ms) AS p95_latency_ms
+    FROM {TABLE} FINAL
+    GROUP BY hour, tenant, route, model
+    """,
+]
+
+
+def _row(record: CostRecord) -> list:
+    return [
+        record.request_id, record.attempt, datetime.fromtimestamp(record.ts_ms / 1000, tz=timezone.utc),
+        record.tenant, record.route, record.model, record.priority, record.status.value, record.cache_hit.value,
+        record.tokens_in, record.tokens_out, record.cached_tokens, record.cost_nano_usd, record.latency_ms,
+        record.ttft_ms,
+    ]
+
+
+class CostStore:
+    def __init__(self, client):
+        self._client = client
+
+    @classmethod
+    def connect(cls, dsn: str) -> CostStore:
+        """Open the store at `dsn` (chdb:///abs/path or http(s)://...) and make sure its tables exist."""
+        if dsn.startswith("chdb://") and not dsn.startswith("chdb:///"):
+            raise ConfigError(f"a chDB DSN needs an absolute path (chdb:///abs/path), got {dsn!r}")
+        try:
+            client = clickhouse_connect.get_client(dsn=dsn)
+        except Exception as exc:  # clickhouse-connect raises several unrelated types on connect
+            raise DependencyUnavailable(f"cannot open ClickHouse at {dsn}: {exc}") from exc
+        store = cls(client)
+        for statement in DDL:
+            client.command(statement)
+        return store
+
+    def insert(self, records: list[CostRecord]) -> None:
+        if records:
+            self._client.insert(TABLE, [_row(r) for r in records], column_names=COLUMNS)
+
+    def query(self, sql: str, parameters: dict | None = None) -> list[dict]:
+        result = self._client.query(sql, parameters=parameters)
+        return [dict(zip(result.column_names, row)) for row in result.result_rows]
+
+    def close(self) -> None:
+        self._client.close()

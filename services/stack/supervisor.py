@@ -1,0 +1,173 @@
+"""`switchyard up`: the whole platform on one machine.
+
+Starts what is not configured (Tansu broker, redis-server), creates the topics, then runs the
+sink, the router and one worker per model as child processes with prefixed logs. Children
+live in their own sessions so that Ctrl-C reaches only the supervisor, which stops them in
+the order that loses nothing: router and workers first (they drain what is in flight), then
+the sink (it flushes the last cost records), then Redis and the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from services.router.policy import load
+from services.stack import infra
+from services.worker import tiny_model
+from shared.errors import ConfigError
+from shared.kafka import ensure_topics, wait_for_broker
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "stack.json"
+SERVICE_STOP_GRACE_S = 60.0
+
+
+def state_path(settings: Settings) -> Path:
+    return settings.data_dir / STATE_FILE
+
+
+def read_state(settings: Settings) -> dict | None:
+    """What a running `switchyard up` wrote about itself, or None if none is running."""
+    path = state_path(settings)
+    try:
+        state = json.loads(path.read_text())
+        os.kill(state["pid"], 0)
+        return state
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+class _Child:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]):
+        self.name = name
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True, text=True, errors="replace")
+        self._pump = threading.Thread(target=self._print_lines, daemon=True)
+        self._pump.start()
+
+    def _print_lines(self) -> None:
+        for line in self.proc.stdout:
+            sys.stdout.write(f"{self.name:<13}| {line}")
+            sys.stdout.flush()
+
+    def stop(self, grace_s: float) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s; killing it", self.name, grace_s)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._pump.join(timeout=2)
+
+
+def up(settings: Settings, models: list[str] | None = None) -> int:
+    policies = load(settings.policy_file)
+    models = models or list(policies.models)
+    for model in models:
+        if model not in policies.models:
+            raise ConfigError(f"model {model!r} is not in {settings.policy_file} (models: {', '.join(policies.models)})")
+        if not tiny_model.exists(settings.models_dir / model):
+            raise ConfigError(f"no weights for model {model!r} at {settings.models_dir / model}; "
+                              f"make a tiny one with `switchyard model tiny {settings.models_dir / model}`")
+    if read_state(settings):
+        raise ConfigError(f"a stack is already running on {settings.data_dir} ({state_path(settings)})")
+
+    logs = settings.data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    infra_procs: list[infra.Process] = []
+    children: list[_Child] = []
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame):
+        if not stopping.is_set():
+            print(f"\nswitchyard up: {signal.Signals(signum).name} received, stopping", flush=True)
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    code = 0
+    try:
+        bootstrap = settings.bootstrap
+        if not bootstrap:
+            broker = infra.start_broker(infra.free_port(9092), stdout=open(logs / "broker.log", "ab"),
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            infra_procs.append(broker)
+            bootstrap = broker.address
+            print(f"broker       | Tansu (memory storage) at {bootstrap}, log {logs / 'broker.log'}", flush=True)
+        redis_url = settings.redis_url
+        if not redis_url:
+            redis = infra.start_redis(settings.data_dir / "redis", stdout=open(logs / "redis.log", "ab"),
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+            infra_procs.append(redis)
+            redis_url = redis.address
+            print(f"redis        | redis-server at {redis_url}, log {logs / 'redis.log'}", flush=True)
+        asyncio.run(_prepare_topics(bootstrap, settings, models))
+
+        env = dict(os.environ)
+        env.update({
+            "SWITCHYARD_BOOTSTRAP": bootstrap,
+            "SWITCHYARD_REDIS_URL": redis_url,
+            "SWITCHYARD_CLICKHOUSE_DSN": settings.dsn(),
+            "SWITCHYARD_DATA_DIR": str(settings.data_dir),
+            "SWITCHYARD_POLICY": str(settings.policy_file),
+            "SWITCHYARD_TOPIC_PREFIX": settings.topic_prefix,
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        me = [sys.executable, "-m", "services.cli.main"]
+        children.append(_Child("sink", me + ["sink"], env))
+        children.append(_Child("router", me + ["router"], env))
+        for model in models:
+            children.append(_Child(f"worker.{model}", me + ["worker", "--model", model], env))
+        state_path(settings).write_text(json.dumps({
+            "pid": os.getpid(), "bootstrap": bootstrap, "redis_url": redis_url, "clickhouse_dsn": settings.dsn(),
+            "topic_prefix": settings.topic_prefix, "models": models, "started_at": time.time(),
+        }) + "\n")
+        print(f"stack        | up: broker {bootstrap}, redis {redis_url}, ClickHouse {settings.dsn()}; "
+              f"Ctrl-C stops everything", flush=True)
+
+        while not stopping.wait(0.5):
+            dead = [c for c in children if c.proc.poll() is not None]
+            if dead:
+                for child in dead:
+                    print(f"stack        | {child.name} exited with code {child.proc.returncode}; stopping the stack",
+                          flush=True)
+                code = 1
+                break
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Front to back: nothing new enters, what is in flight finishes, its costs are booked.
+        for group in (("router",), tuple(c.name for c in children if c.name.startswith("worker.")), ("sink",)):
+            batch = [c for c in children if c.name in group]
+            for child in batch:
+                if child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)
+            for child in batch:
+                child.stop(SERVICE_STOP_GRACE_S)
+        for proc in reversed(infra_procs):
+            proc.stop()
+        state_path(settings).unlink(missing_ok=True)
+        print("stack        | stopped", flush=True)
+    return code
+
+
+async def _prepare_topics(bootstrap: str, settings: Settings, models: list[str]) -> None:
+    await wait_for_broker(bootstrap)
+    specs = settings.topics.plan(models)
+    created = await ensure_topics(bootstrap, specs, settings.replication_factor)
+    for spec in specs:
+        mark = "created" if spec.name in created else "exists "
+        print(f"topics       | {mark} {spec.name} ({spec.partitions} partitions)", flush=True)

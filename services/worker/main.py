@@ -1,0 +1,33 @@
+"""Entry point of a worker process: one engine, one model topic."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from services.router.policy import load
+from services.worker.engine import Engine, EngineConfig
+from services.worker.service import Worker
+from shared.errors import ConfigError
+from shared.kafka import wait_for_broker
+from shared.settings import Settings
+
+
+async def serve(settings: Settings, stop: asyncio.Event, *, model: str, model_path: Path | None = None,
+                max_in_flight: int = 64) -> None:
+    if not settings.bootstrap:
+        raise ConfigError("a worker needs SWITCHYARD_BOOTSTRAP (or run `switchyard up`)")
+    policies = load(settings.policy_file)
+    if model not in policies.models:
+        raise ConfigError(f"model {model!r} is not in the policy {settings.policy_file} "
+                          f"(models: {', '.join(policies.models)})")
+    await wait_for_broker(settings.bootstrap)
+    path = model_path or settings.models_dir / model
+    engine = Engine.start(EngineConfig(model_path=path, max_model_len=policies.models[model].max_context_tokens,
+                                       max_num_seqs=max_in_flight))
+    try:
+        worker = Worker(model=model, engine=engine, bootstrap=settings.bootstrap, topics=settings.topics,
+                        max_in_flight=max_in_flight)
+        await worker.run(stop)
+    finally:
+        engine.shutdown()

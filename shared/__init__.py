@@ -1,0 +1,1 @@
+"""What several services need: topics and keys, codec, errors, settings, Kafka plumbing, the client."""

@@ -1,0 +1,122 @@
+"""The async Python client: publish a request, await its result on your reply topic.
+
+    async with Client("127.0.0.1:9092", reply_to="billing-svc") as client:
+        result = await client.complete(tenant="acme", route="chat",
+                                       messages=[{"role": "user", "content": "hi"}])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiokafka.structs import TopicPartition
+
+from schemas import ChatMessage, InferenceRequest, InferenceResult, Priority, Sampling
+from shared import kafka
+from shared.codec import decode, encode
+from shared.errors import RequestTimeout, UndecodableMessage
+from shared.topics import Topics, request_key
+
+log = logging.getLogger(__name__)
+
+
+class Client:
+    """Correlates results with requests by id; several clients may share one reply topic."""
+
+    def __init__(self, bootstrap: str, *, reply_to: str, topics: Topics | None = None, timeout_s: float = 60.0):
+        self._bootstrap = bootstrap
+        self.reply_to = reply_to
+        self._topics = topics or Topics()
+        self._timeout_s = timeout_s
+        self._waiting: dict[str, asyncio.Future[InferenceResult]] = {}
+        self._producer = None
+        self._consumer = None
+        self._reader: asyncio.Task | None = None
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        reply_topic = self._topics.replies(self.reply_to)
+        await kafka.ensure_topics(self._bootstrap, [self._topics.reply_spec(self.reply_to)])
+        self._producer = kafka.producer(self._bootstrap)
+        await self._producer.start()
+        # No group: every client instance reads every partition of its reply topic from
+        # the end, so it sees replies to its own requests whichever partition they land on.
+        self._consumer = kafka.consumer(self._bootstrap, group_id=None, auto_offset_reset="latest")
+        await self._consumer.start()
+        await self._consumer.topics()
+        partitions = [TopicPartition(reply_topic, p) for p in sorted(self._consumer.partitions_for_topic(reply_topic) or ())]
+        self._consumer.assign(partitions)
+        await self._consumer.seek_to_end(*partitions)
+        for tp in partitions:  # resolve positions now, so no reply can slip past before the first send
+            await self._consumer.position(tp)
+        self._reader = asyncio.create_task(self._read_replies())
+
+    async def close(self) -> None:
+        if self._reader:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        for fut in self._waiting.values():
+            fut.cancel()
+        if self._consumer:
+            await self._consumer.stop()
+        if self._producer:
+            await self._producer.stop()
+
+    async def _read_replies(self) -> None:
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for record in records:
+                    try:
+                        result = decode(InferenceResult, record.value)
+                    except UndecodableMessage as exc:
+                        log.warning("ignoring an unreadable reply: %s", exc)
+                        continue
+                    fut = self._waiting.pop(result.request_id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(result)
+
+    async def submit(self, request: InferenceRequest, timeout_s: float | None = None) -> InferenceResult:
+        """Publish `request` and return its result; raise RequestTimeout if none arrives in time."""
+        if request.reply_to != self.reply_to:
+            request = request.model_copy(update={"reply_to": self.reply_to})
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[request.id] = fut
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
+        try:
+            sent = await self._producer.send(self._topics.requests(request.priority), encode(request),
+                                             key=request_key(request.route))
+            await sent
+            return await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(
+                f"no result for request {request.id} (route {request.route!r}) within {timeout_s:.1f} s; "
+                "is a router running, and a worker for the route's model?"
+            ) from None
+        finally:
+            self._waiting.pop(request.id, None)
+
+    async def complete(self, *, tenant: str, route: str, messages: list[dict[str, str]] | None = None,
+                       prompt: str | None = None, priority: Priority | str = Priority.standard,
+                       max_tokens: int = 256, temperature: float = 0.7, timeout_s: float | None = None,
+                       **fields: Any) -> InferenceResult:
+        """Build a request from plain values and submit it."""
+        request = InferenceRequest(
+            tenant=tenant,
+            route=route,
+            priority=Priority(priority),
+            messages=[ChatMessage(**m) for m in messages] if messages is not None else None,
+            prompt=prompt,
+            sampling=Sampling(max_tokens=max_tokens, temperature=temperature),
+            reply_to=self.reply_to,
+            **fields,
+        )
+        return await self.submit(request, timeout_s)

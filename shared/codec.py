@@ -1,0 +1,41 @@
+"""Messages on the wire are orjson bytes of the pydantic contracts; decoding errors become UndecodableMessage."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from shared.errors import UndecodableMessage
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def encode(message: BaseModel) -> bytes:
+    return orjson.dumps(message.model_dump(mode="json", exclude_none=True))
+
+
+def decode(kind: type[M], data: bytes | None) -> M:
+    if data is None:
+        raise UndecodableMessage("empty message (no value)")
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise UndecodableMessage(f"not valid JSON: {exc}") from None
+    try:
+        return kind.model_validate(raw)
+    except ValidationError as exc:
+        raise UndecodableMessage(f"not a valid {kind.__name__}: {describe(exc)}") from None
+
+
+def describe(exc: ValidationError, limit: int = 5) -> str:
+    """A validation error in one line: `field.path: what is wrong; ...`."""
+    parts = []
+    for err in exc.errors()[:limit]:
+        where = ".".join(str(p) for p in err["loc"]) or "(message)"
+        parts.append(f"{where}: {err['msg']}")
+    more = exc.error_count() - limit
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)

@@ -1,0 +1,71 @@
+"""One error tree for every service: each error says whether to retry and whose fault it is."""
+
+from __future__ import annotations
+
+
+class SwitchyardError(Exception):
+    """Root of every error Switchyard raises."""
+
+    code = "internal"
+    retriable = False
+    # True when the caller sent something wrong: dead-letter it and answer with an error,
+    # never retry. False: the platform failed, retry (if retriable) and alert.
+    caller_fault = False
+
+
+class InputError(SwitchyardError):
+    """A message or request is malformed or breaks its route's rules."""
+
+    code = "input_invalid"
+    caller_fault = True
+
+
+class UndecodableMessage(InputError):
+    """A message on a topic is not JSON, or not the contract it should be."""
+
+    code = "undecodable"
+
+
+class UnknownRoute(InputError):
+    """The request names a route no policy covers, and unknown routes are rejected."""
+
+    code = "unknown_route"
+
+
+class EscalationNotAllowed(InputError):
+    """The request asks for the frontier tier on a route that does not permit it."""
+
+    code = "escalation_not_allowed"
+
+
+class ConfigError(SwitchyardError):
+    """A setting or configuration file is wrong; the message names it."""
+
+    code = "config_invalid"
+
+
+class PolicyError(ConfigError):
+    """A policy file is invalid; it is refused whole."""
+
+    code = "policy_invalid"
+
+
+class EngineError(SwitchyardError):
+    """The model engine failed on one request; the engine itself is still serving."""
+
+    code = "engine_error"
+    retriable = True
+
+
+class DependencyUnavailable(SwitchyardError):
+    """A broker, Redis or ClickHouse could not be reached in time."""
+
+    code = "dependency_unavailable"
+    retriable = True
+
+
+class RequestTimeout(SwitchyardError):
+    """No result arrived for a request within the client's timeout."""
+
+    code = "timeout"
+    retriable = True

@@ -1,0 +1,91 @@
+"""Kafka plumbing every service shares: producers, consumers and topic creation through aiokafka."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError
+
+from shared.errors import DependencyUnavailable
+from shared.topics import TopicSpec
+
+log = logging.getLogger(__name__)
+
+# Kafka's TopicAlreadyExists error code, as returned in a CreateTopics response.
+TOPIC_ALREADY_EXISTS = 36
+
+
+def producer(bootstrap: str, **overrides) -> AIOKafkaProducer:
+    options = dict(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=2,
+        max_request_size=4 * 1024 * 1024,
+        request_timeout_ms=30_000,
+    )
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+def consumer(bootstrap: str, *topics: str, group_id: str | None, **overrides) -> AIOKafkaConsumer:
+    """A consumer that commits by hand: services commit only what they have finished."""
+    options = dict(
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        fetch_max_wait_ms=50,
+    )
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **options)
+
+
+async def wait_for_broker(bootstrap: str, timeout_s: float = 30.0) -> None:
+    """Return once the broker answers metadata requests, or raise DependencyUnavailable."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        try:
+            await admin.start()
+            await admin.list_topics()
+            return
+        except (KafkaError, OSError) as exc:
+            last = exc
+            await asyncio.sleep(0.2)
+        finally:
+            await admin.close()
+    raise DependencyUnavailable(
+        f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f} s ({last}); "
+        "check SWITCHYARD_BOOTSTRAP or leave it unset to start the embedded broker"
+    )
+
+
+async def ensure_topics(bootstrap: str, specs: list[TopicSpec], replication_factor: int = 1) -> list[str]:
+    """Create the topics that do not exist yet; return the names created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        missing = [s for s in specs if s.name not in existing]
+        if not missing:
+            return []
+        response = await admin.create_topics(
+            [NewTopic(s.name, num_partitions=s.partitions, replication_factor=replication_factor) for s in missing]
+        )
+        for name, code, *rest in response.topic_errors:
+            if code not in (0, TOPIC_ALREADY_EXISTS):
+                message = rest[0] if rest else ""
+                raise DependencyUnavailable(f"could not create topic {name}: error {code} {message}")
+        created = [s.name for s in missing]
+        log.info("created topics %s", ", ".join(created))
+        return created
+    except KafkaConnectionError as exc:
+        raise DependencyUnavailable(f"could not reach the broker at {bootstrap} to create topics: {exc}") from exc
+    finally:
+        await admin.close()

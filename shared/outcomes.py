@@ -1,0 +1,125 @@
+"""Finishing a request: its result on the reply topic and its cost record, or a dead letter.
+
+Every service that ends a request (the router for rejections, the worker for model calls)
+goes through here, so each final answer has exactly one result and one cost record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+
+from schemas import (
+    CacheHit,
+    CostRecord,
+    DeadLetter,
+    ErrorInfo,
+    InferenceRequest,
+    InferenceResult,
+    Latency,
+    Status,
+    now_ms,
+)
+from schemas._base import NAME_PATTERN
+from shared.codec import encode
+from shared.topics import Topics, cost_key, reply_key
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_PAYLOAD_CHARS = 64 * 1024
+
+
+def error_result(request: InferenceRequest, status: Status, code: str, message: str, *,
+                 retriable: bool = False) -> InferenceResult:
+    return InferenceResult(
+        request_id=request.id,
+        tenant=request.tenant,
+        route=request.route,
+        status=status,
+        latency=Latency(total_ms=max(0, now_ms() - request.created_at_ms)),
+        error=ErrorInfo(code=code, message=message, retriable=retriable),
+    )
+
+
+def cost_record(request: InferenceRequest, result: InferenceResult, *, cost_nano_usd: int = 0,
+                attempt: int = 0) -> CostRecord:
+    return CostRecord(
+        request_id=request.id,
+        attempt=attempt,
+        ts_ms=now_ms(),
+        tenant=request.tenant,
+        route=request.route,
+        model=result.model or "",
+        priority=request.priority.value,
+        status=result.status,
+        cache_hit=result.cache_hit,
+        tokens_in=result.tokens_in,
+        tokens_out=result.tokens_out,
+        cached_tokens=result.cached_tokens,
+        cost_nano_usd=cost_nano_usd,
+        latency_ms=result.latency.total_ms,
+        ttft_ms=result.latency.ttft_ms,
+    )
+
+
+class Outcomes:
+    """Sends final answers and dead letters through one producer."""
+
+    def __init__(self, producer: AIOKafkaProducer, topics: Topics):
+        self._producer = producer
+        self._topics = topics
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future:
+        return await self._producer.send(topic, value, key=key)
+
+    async def finish(self, request: InferenceRequest, result: InferenceResult, cost: CostRecord) -> list[asyncio.Future]:
+        """Queue the result and its cost record; the returned futures resolve once the broker has both."""
+        return [
+            await self._producer.send(self._topics.replies(request.reply_to), encode(result), key=reply_key(request.id)),
+            await self._producer.send(self._topics.costs, encode(cost), key=cost_key(request.id)),
+        ]
+
+    async def reject(self, request: InferenceRequest, status: Status, code: str, message: str) -> list[asyncio.Future]:
+        """Answer a request that no model will run: an error result and a zero-cost record."""
+        result = error_result(request, status, code, message)
+        return await self.finish(request, result, cost_record(request, result))
+
+    async def dead_letter(self, record: ConsumerRecord, code: str, reason: str) -> list[asyncio.Future]:
+        value = record.value or b""
+        letter = DeadLetter(
+            source_topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            reason_code=code,
+            reason=reason,
+            ts_ms=now_ms(),
+            payload=value[:DEAD_LETTER_PAYLOAD_CHARS].decode("utf-8", errors="replace"),
+            payload_bytes=len(value),
+        )
+        log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
+        return [await self._producer.send(self._topics.dead_letter, encode(letter), key=record.key)]
+
+    async def reply_error_to_sender(self, raw: object, code: str, message: str) -> list[asyncio.Future]:
+        """Best effort for a message that failed validation: if it names an id and a reply
+        topic, tell its sender why it was refused. A reply needs no cost record: nothing ran
+        and the message never became a request."""
+        if not isinstance(raw, dict):
+            return []
+        request_id, reply_to = raw.get("id"), raw.get("reply_to")
+        if not (isinstance(request_id, str) and isinstance(reply_to, str)):
+            return []
+        if not re.match(NAME_PATTERN, reply_to) or len(request_id) > 128:
+            return []
+        result = InferenceResult(
+            request_id=request_id,
+            tenant=str(raw.get("tenant", ""))[:64],
+            route=str(raw.get("route", ""))[:64],
+            status=Status.rejected,
+            cache_hit=CacheHit.none,
+            error=ErrorInfo(code=code, message=message),
+        )
+        return [await self._producer.send(self._topics.replies(reply_to), encode(result), key=reply_key(request_id))]

@@ -1,0 +1,68 @@
+"""Settings from SWITCHYARD_* environment variables, validated once at start."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.errors import ConfigError
+from shared.topics import Topics
+
+DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "deploy" / "local" / "policy.yaml"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the broker, Redis and ClickHouse are; None means the local stack starts its own."""
+
+    bootstrap: str | None = None
+    redis_url: str | None = None
+    clickhouse_dsn: str | None = None
+    data_dir: Path = field(default_factory=lambda: Path(".switchyard").resolve())
+    policy_file: Path = DEFAULT_POLICY
+    topic_prefix: str = "switchyard"
+    replication_factor: int = 1
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    @property
+    def chdb_path(self) -> Path:
+        return self.data_dir / "chdb"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    def dsn(self) -> str:
+        """The ClickHouse DSN in force: the configured one, or chDB under the data folder."""
+        return self.clickhouse_dsn or f"chdb://{self.chdb_path}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        def get(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        replication = get("SWITCHYARD_REPLICATION_FACTOR") or "1"
+        if not replication.isdigit() or int(replication) < 1:
+            raise ConfigError(f"SWITCHYARD_REPLICATION_FACTOR must be a positive integer, got {replication!r}")
+        dsn = get("SWITCHYARD_CLICKHOUSE_DSN")
+        if dsn and not dsn.startswith(("chdb://", "http://", "https://", "clickhouse://")):
+            raise ConfigError(f"SWITCHYARD_CLICKHOUSE_DSN must be chdb:///abs/path or http(s)://host:8123, got {dsn!r}")
+        redis_url = get("SWITCHYARD_REDIS_URL")
+        if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"SWITCHYARD_REDIS_URL must start with redis://, rediss:// or unix://, got {redis_url!r}")
+        policy = Path(get("SWITCHYARD_POLICY") or DEFAULT_POLICY)
+        return cls(
+            bootstrap=get("SWITCHYARD_BOOTSTRAP"),
+            redis_url=redis_url,
+            clickhouse_dsn=dsn,
+            data_dir=Path(get("SWITCHYARD_DATA_DIR") or ".switchyard").resolve(),
+            policy_file=policy,
+            topic_prefix=get("SWITCHYARD_TOPIC_PREFIX") or "switchyard",
+            replication_factor=int(replication),
+        )

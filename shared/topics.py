@@ -1,0 +1,73 @@
+"""Every topic name, partition count and key rule, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schemas.request import Priority
+
+REQUEST_PARTITIONS = 6
+MODEL_PARTITIONS = 6
+REPLY_PARTITIONS = 3
+COST_PARTITIONS = 6
+DEAD_LETTER_PARTITIONS = 1
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names under one prefix, so several deployments can share a cluster."""
+
+    prefix: str = "switchyard"
+
+    def requests(self, priority: Priority | str) -> str:
+        return f"{self.prefix}.requests.{Priority(priority).value}"
+
+    @property
+    def all_requests(self) -> list[str]:
+        return [self.requests(p) for p in Priority]
+
+    def model(self, name: str) -> str:
+        return f"{self.prefix}.model.{name}"
+
+    def replies(self, reply_to: str) -> str:
+        return f"{self.prefix}.replies.{reply_to}"
+
+    @property
+    def costs(self) -> str:
+        return f"{self.prefix}.costs"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"{self.prefix}.dead-letter"
+
+    def plan(self, models: list[str]) -> list[TopicSpec]:
+        """The topics a deployment serving `models` needs, with their partition counts."""
+        return [
+            *(TopicSpec(t, REQUEST_PARTITIONS) for t in self.all_requests),
+            *(TopicSpec(self.model(m), MODEL_PARTITIONS) for m in models),
+            TopicSpec(self.costs, COST_PARTITIONS),
+            TopicSpec(self.dead_letter, DEAD_LETTER_PARTITIONS),
+        ]
+
+    def reply_spec(self, reply_to: str) -> TopicSpec:
+        return TopicSpec(self.replies(reply_to), REPLY_PARTITIONS)
+
+
+# Key rules. Requests are keyed by route, so one route's requests keep their order; model
+# topics by the prefix hash (shared.prefix), so a conversation lands where its KV blocks are;
+# replies and cost records by request id, which spreads them evenly.
+def request_key(route: str) -> bytes:
+    return route.encode()
+
+
+def reply_key(request_id: str) -> bytes:
+    return request_id.encode()
+
+
+cost_key = reply_key

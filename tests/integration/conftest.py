@@ -1,0 +1,157 @@
+"""Real parts for integration tests, one of each per session: a Tansu broker, a redis-server,
+a chDB store, and a worker process running the real vLLM engine on a tiny model. Router and
+sink run inside the test's event loop, so each test can start them fresh."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from services.router.policy import load
+from services.router.seen import ForwardedLog
+from services.router.service import Router
+from services.sink.service import Sink
+from services.sink.store import CostStore
+from services.stack import infra
+from services.worker import tiny_model
+from shared.client import Client
+from shared.kafka import ensure_topics
+from shared.topics import Topics
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER_READY_TIMEOUT_S = 600
+
+POLICY = """
+version: "test-1"
+unknown_route: reject
+models:
+  small: {tier: small, price_in_usd_per_mtok: 0.15, price_out_usd_per_mtok: 0.60, max_context_tokens: 1024}
+routes:
+  chat: {models: [small], max_output_tokens: 16}
+  short: {models: [small], max_output_tokens: 4}
+"""
+
+
+@pytest.fixture(scope="session")
+def topics() -> Topics:
+    return Topics("sytest")
+
+
+@pytest.fixture(scope="session")
+def broker() -> str:
+    proc = infra.start_broker(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    yield proc.address
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> str:
+    proc = infra.start_redis(tmp_path_factory.mktemp("redis"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    yield proc.address
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def policy_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("policy") / "policy.yaml"
+    path.write_text(POLICY)
+    return path
+
+
+@pytest.fixture(scope="session")
+def policies(policy_file):
+    return load(policy_file)
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> CostStore:
+    # chDB allows one engine per process: the whole session shares this one.
+    store = CostStore.connect(f"chdb://{tmp_path_factory.mktemp('chdb')}")
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory) -> Path:
+    return tiny_model.generate(tmp_path_factory.mktemp("models") / "small", layers=2, hidden=128)
+
+
+@pytest.fixture(scope="session")
+def worker(broker, topics, policy_file, model_path):
+    """One worker process with the real vLLM engine, shared by every test (it takes ~1 min to start)."""
+    asyncio.run(ensure_topics(broker, topics.plan(["small"])))
+    env = dict(os.environ, SWITCHYARD_BOOTSTRAP=broker, SWITCHYARD_POLICY=str(policy_file),
+               SWITCHYARD_TOPIC_PREFIX=topics.prefix, PYTHONUNBUFFERED="1", VLLM_LOGGING_LEVEL="WARNING")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "worker", "--model", "small", "--model-path", str(model_path)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+    )
+    ready = threading.Event()
+    lines: list[str] = []
+
+    def pump():
+        for line in proc.stdout:
+            lines.append(line)
+            if "consuming" in line:
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(WORKER_READY_TIMEOUT_S):
+        proc.kill()
+        pytest.fail("worker did not start:\n" + "".join(lines[-40:]))
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+async def router(broker, redis_url, topics, policies):
+    redis = Redis.from_url(redis_url)
+    router = Router(bootstrap=broker, topics=topics, policies=policies, forwarded=ForwardedLog(redis))
+    stop = asyncio.Event()
+    task = asyncio.create_task(router.run(stop))
+    yield router
+    stop.set()
+    await task
+    await redis.aclose()
+
+
+@pytest.fixture
+async def sink(broker, topics, store):
+    sink = Sink(bootstrap=broker, topics=topics, store=store, flush_interval_s=0.2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sink.run(stop))
+    yield sink
+    stop.set()
+    await task
+
+
+@pytest.fixture
+async def client(broker, topics):
+    async with Client(broker, reply_to=f"test-{uuid.uuid4().hex[:8]}", topics=topics, timeout_s=120) as client:
+        yield client
+
+
+async def wait_for_rows(store: CostStore, where: str, expected: int, params: dict, timeout_s: float = 30) -> dict:
+    """Poll the books until `expected` records match `where` (the sink flushes on a timer)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        row = store.query(
+            f"SELECT count() AS records, sum(tokens_in) AS tokens_in, sum(tokens_out) AS tokens_out, "
+            f"sum(cost_nano_usd) AS cost_nano_usd FROM switchyard.cost_records FINAL WHERE {where}", params
+        )[0]
+        if row["records"] >= expected or loop.time() > deadline:
+            return row
+        await asyncio.sleep(0.2)
