@@ -84,12 +84,18 @@ class Client:
                     if fut is not None and not fut.done():
                         fut.set_result(result)
 
+    def track(self, request_id: str) -> asyncio.Future[InferenceResult]:
+        """A future for the result of a request this client did not send itself but that replies to its topic."""
+        fut = self._waiting.get(request_id)
+        if fut is None:
+            fut = self._waiting[request_id] = asyncio.get_running_loop().create_future()
+        return fut
+
     async def submit(self, request: InferenceRequest, timeout_s: float | None = None) -> InferenceResult:
         """Publish `request` and return its result; raise RequestTimeout if none arrives in time."""
         if request.reply_to != self.reply_to:
             request = request.model_copy(update={"reply_to": self.reply_to})
-        fut = asyncio.get_running_loop().create_future()
-        self._waiting[request.id] = fut
+        fut = self.track(request.id)
         timeout_s = self._timeout_s if timeout_s is None else timeout_s
         try:
             sent = await self._producer.send(self._topics.requests(request.priority), encode(request),

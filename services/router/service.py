@@ -25,6 +25,9 @@ from shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
+RETRY_MIN_S = 0.2
+RETRY_MAX_S = 10.0
+
 
 def decide(request: InferenceRequest, policies: PolicySet) -> RoutedRequest:
     """The model and capped sampling for one request, or an InputError saying why it is refused."""
@@ -69,30 +72,42 @@ class Router:
         outcomes = Outcomes(producer, self._topics)
         log.info("router consuming %s with policy version %s (routes: %s)",
                  ", ".join(self._topics.all_requests), self.policies.version, ", ".join(self.policies.routes))
+        retry_s = RETRY_MIN_S
         try:
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=100, max_records=self._max_batch)
                 records = [r for recs in batch.values() for r in recs]
-                if records:
-                    await self._route_batch(records, outcomes)
+                if not records:
+                    continue
+                if await self._route_batch(records, outcomes):
                     await consumer.commit()
+                    retry_s = RETRY_MIN_S
+                else:
+                    # Read the batch again: what did reach the broker is in the forwarded log
+                    # and is skipped as a redelivery; the rest is sent again.
+                    for tp, recs in batch.items():
+                        consumer.seek(tp, recs[0].offset)
+                    await asyncio.sleep(retry_s)
+                    retry_s = min(retry_s * 2, RETRY_MAX_S)
         finally:
             await consumer.stop()
             await producer.stop()
 
-    async def _route_batch(self, records: list[ConsumerRecord], outcomes: Outcomes) -> None:
-        pending: list[asyncio.Future] = []
+    async def _route_batch(self, records: list[ConsumerRecord], outcomes: Outcomes) -> bool:
+        """Route a batch; True once every outcome is on the broker, False if the batch must be read again."""
+        required: list[asyncio.Future] = []
+        best_effort: list[asyncio.Future] = []
         decoded: list[tuple[InferenceRequest, str]] = []
         for record in records:
             try:
                 decoded.append((decode(InferenceRequest, record.value), content_digest(record.value)))
             except UndecodableMessage as exc:
                 self.counts["dead_lettered"] += 1
-                pending += await outcomes.dead_letter(record, exc.code, str(exc))
-                pending += await outcomes.reply_error_to_sender(_loads_or_none(record.value), exc.code, str(exc))
+                required += await outcomes.dead_letter(record, exc.code, str(exc))
+                best_effort += await outcomes.reply_error_to_sender(_loads_or_none(record.value), exc.code, str(exc))
 
         known = await self._forwarded.lookup([(r.tenant, r.id) for r, _ in decoded])
-        forwarded: list[tuple[str, str, str]] = []
+        forwards: list[tuple[tuple[str, str, str], asyncio.Future]] = []
         seen_in_batch: dict[tuple[str, str], str] = {}
         for (request, digest), earlier in zip(decoded, known):
             earlier = earlier or seen_in_batch.get((request.tenant, request.id))
@@ -101,17 +116,28 @@ class Router:
                 continue
             if earlier is not None:
                 self.counts["rejected"] += 1
-                pending += await outcomes.reject(request, Status.rejected, "duplicate_request_id",
-                                                 f"request id {request.id!r} was already used for a different request")
+                required += await outcomes.reject(request, Status.rejected, "duplicate_request_id",
+                                                  f"request id {request.id!r} was already used for a different request")
                 continue
             seen_in_batch[(request.tenant, request.id)] = digest
-            pending += await self._route_one(request, outcomes)
-            forwarded.append((request.tenant, request.id, digest))
+            sent = await self._route_one(request, outcomes)
+            required += sent
+            if len(sent) == 1:
+                forwards.append(((request.tenant, request.id, digest), sent[0]))
 
-        await asyncio.gather(*pending)
-        await self._forwarded.record(forwarded)
+        failures = [r for r in await asyncio.gather(*required, return_exceptions=True) if isinstance(r, Exception)]
+        for failed in await asyncio.gather(*best_effort, return_exceptions=True):
+            if isinstance(failed, Exception):
+                log.warning("could not send an error reply to a sender: %r", failed)
+        await self._forwarded.record([entry for entry, fut in forwards if not fut.exception()])
+        if failures:
+            log.warning("%d of %d sends failed (first: %r); reading the batch again", len(failures), len(required),
+                        failures[0])
+            return False
+        return True
 
     async def _route_one(self, request: InferenceRequest, outcomes: Outcomes) -> list[asyncio.Future]:
+        """One future for a forward to a model topic, or two (result and cost record) for an answer given here."""
         if request.deadline_unix_ms is not None and now_ms() > request.deadline_unix_ms:
             self.counts["expired"] += 1
             return await outcomes.reject(request, Status.expired, "deadline_passed",
@@ -122,8 +148,7 @@ class Router:
             self.counts["rejected"] += 1
             return await outcomes.reject(request, Status.rejected, exc.code, str(exc))
         self.counts["routed"] += 1
-        fut = await outcomes.send(self._topics.model(routed.model), encode(routed), prefix_hash(request).encode())
-        return [fut]
+        return [await outcomes.send(self._topics.model(routed.model), encode(routed), prefix_hash(request).encode())]
 
 
 def _loads_or_none(value: bytes | None):
