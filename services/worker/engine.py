@@ -136,4 +136,9 @@ class Engine:
         await self._llm.abort(request_id)
 
     def shutdown(self) -> None:
-        self._llm.shutdown()
+        if self._llm is not None:
+            self._llm.shutdown()
+            # AsyncLLM.__del__ calls shutdown() again, at interpreter exit, when the module
+            # globals it needs are gone and it prints a traceback; once is enough.
+            self._llm.shutdown = lambda *args, **kwargs: None
+            self._llm = None

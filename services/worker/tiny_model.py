@@ -90,6 +90,9 @@ def generate(path: str | Path, *, layers: int = 2, hidden: int = 128, vocab_size
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     head_dim = 64
     if hidden % head_dim:
