@@ -89,3 +89,11 @@ async def ensure_topics(bootstrap: str, specs: list[TopicSpec], replication_fact
         raise DependencyUnavailable(f"could not reach the broker at {bootstrap} to create topics: {exc}") from exc
     finally:
         await admin.close()
+
+
+async def prepare(bootstrap: str, specs: list[TopicSpec], replication_factor: int = 1,
+                  timeout_s: float = 30.0) -> list[str]:
+    """Wait for the broker and create the missing topics; one line per topic saying which."""
+    await wait_for_broker(bootstrap, timeout_s)
+    created = await ensure_topics(bootstrap, specs, replication_factor)
+    return [f"{'created' if s.name in created else 'exists '} {s.name} ({s.partitions} partitions)" for s in specs]

@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-in-flight", type=int, default=64)
     sub.add_parser("sink", help="run the cost sink (joins group 'sink')")
 
+    topics = sub.add_parser("topics", help="topic utilities")
+    topics_sub = topics.add_subparsers(dest="topics_command", required=True)
+    create = topics_sub.add_parser("create", help="create every topic the policy's models need, with partition counts")
+    create.add_argument("--models", help="comma-separated models (default: every model in the policy)")
+
     model = sub.add_parser("model", help="model utilities")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     tiny = model_sub.add_parser("tiny", help="generate a tiny Llama-style model and tokenizer (random weights)")
@@ -64,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
             log.setup("sink")
             lifecycle.run(lambda stop: serve(settings, stop))
+        elif args.command == "topics":
+            return _create_topics(settings, args.models.split(",") if args.models else None)
         elif args.command == "model":
             from services.worker.tiny_model import generate
 
@@ -77,6 +84,21 @@ def main(argv: list[str] | None = None) -> int:
     except SwitchyardError as exc:
         print(f"switchyard: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _create_topics(settings: Settings, models: list[str] | None) -> int:
+    import asyncio
+
+    from services.router.policy import load
+    from shared.errors import ConfigError
+    from shared.kafka import prepare
+
+    if not settings.bootstrap:
+        raise ConfigError("set SWITCHYARD_BOOTSTRAP to the Kafka cluster to create topics on")
+    specs = settings.topics.plan(models or list(load(settings.policy_file).models))
+    for line in asyncio.run(prepare(settings.bootstrap, specs, settings.replication_factor, timeout_s=120)):
+        print(line)
     return 0
 
 

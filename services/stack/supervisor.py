@@ -24,7 +24,7 @@ from services.router.policy import load
 from services.stack import infra
 from services.worker import tiny_model
 from shared.errors import ConfigError
-from shared.kafka import ensure_topics, wait_for_broker
+from shared.kafka import prepare
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,9 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
             infra_procs.append(redis)
             redis_url = redis.address
             print(f"redis        | redis-server at {redis_url}, log {logs / 'redis.log'}", flush=True)
-        asyncio.run(_prepare_topics(bootstrap, settings, models))
+        specs = settings.topics.plan(models)
+        for line in asyncio.run(prepare(bootstrap, specs, settings.replication_factor)):
+            print(f"topics       | {line}", flush=True)
 
         env = dict(os.environ)
         env.update({
@@ -163,11 +165,3 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
         print("stack        | stopped", flush=True)
     return code
 
-
-async def _prepare_topics(bootstrap: str, settings: Settings, models: list[str]) -> None:
-    await wait_for_broker(bootstrap)
-    specs = settings.topics.plan(models)
-    created = await ensure_topics(bootstrap, specs, settings.replication_factor)
-    for spec in specs:
-        mark = "created" if spec.name in created else "exists "
-        print(f"topics       | {mark} {spec.name} ({spec.partitions} partitions)", flush=True)

@@ -1,0 +1,23 @@
+"""Settings are validated once at start, and a bad one is named."""
+
+import pytest
+
+from shared.errors import ConfigError
+from shared.settings import Settings
+
+
+def test_defaults_leave_the_local_stack_to_start_what_is_missing(tmp_path):
+    settings = Settings.from_env({"SWITCHYARD_DATA_DIR": str(tmp_path)})
+    assert settings.bootstrap is None and settings.redis_url is None
+    assert settings.dsn() == f"chdb://{tmp_path}/chdb"
+    assert settings.topics.requests("batch") == "switchyard.requests.batch"
+
+
+@pytest.mark.parametrize("name, value", [
+    ("SWITCHYARD_CLICKHOUSE_DSN", "mysql://x"),
+    ("SWITCHYARD_REDIS_URL", "localhost:6379"),
+    ("SWITCHYARD_REPLICATION_FACTOR", "zero"),
+])
+def test_a_bad_setting_is_named(name, value):
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
