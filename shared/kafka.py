@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -43,6 +45,24 @@ def consumer(bootstrap: str, *topics: str, group_id: str | None, **overrides) ->
     )
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)
+
+
+@asynccontextmanager
+async def consuming(bootstrap: str, topics: list[str], *, group_id: str,
+                    listener=None) -> AsyncIterator[tuple[AIOKafkaConsumer, AIOKafkaProducer]]:
+    """A started consumer in `group_id`, subscribed to `topics`, and a producer for what it emits."""
+    consumer_ = consumer(bootstrap, group_id=group_id)
+    producer_ = producer(bootstrap)
+    await producer_.start()
+    try:
+        await consumer_.start()
+        try:
+            consumer_.subscribe(topics, listener=listener)
+            yield consumer_, producer_
+        finally:
+            await consumer_.stop()
+    finally:
+        await producer_.stop()
 
 
 async def wait_for_broker(bootstrap: str, timeout_s: float = 30.0) -> None:

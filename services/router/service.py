@@ -65,33 +65,30 @@ class Router:
         self.counts: Counter[str] = Counter()
 
     async def run(self, stop: asyncio.Event) -> None:
-        consumer = kafka.consumer(self._bootstrap, *self._topics.all_requests, group_id=self._group_id)
-        producer = kafka.producer(self._bootstrap)
-        await producer.start()
-        await consumer.start()
-        outcomes = Outcomes(producer, self._topics)
-        log.info("router consuming %s with policy version %s (routes: %s)",
-                 ", ".join(self._topics.all_requests), self.policies.version, ", ".join(self.policies.routes))
+        async with kafka.consuming(self._bootstrap, self._topics.all_requests, group_id=self._group_id) as (
+            consumer, producer
+        ):
+            log.info("router consuming %s with policy version %s (routes: %s)",
+                     ", ".join(self._topics.all_requests), self.policies.version, ", ".join(self.policies.routes))
+            await self._consume(consumer, Outcomes(producer, self._topics), stop)
+
+    async def _consume(self, consumer, outcomes: Outcomes, stop: asyncio.Event) -> None:
         retry_s = RETRY_MIN_S
-        try:
-            while not stop.is_set():
-                batch = await consumer.getmany(timeout_ms=100, max_records=self._max_batch)
-                records = [r for recs in batch.values() for r in recs]
-                if not records:
-                    continue
-                if await self._route_batch(records, outcomes):
-                    await consumer.commit()
-                    retry_s = RETRY_MIN_S
-                else:
-                    # Read the batch again: what did reach the broker is in the forwarded log
-                    # and is skipped as a redelivery; the rest is sent again.
-                    for tp, recs in batch.items():
-                        consumer.seek(tp, recs[0].offset)
-                    await asyncio.sleep(retry_s)
-                    retry_s = min(retry_s * 2, RETRY_MAX_S)
-        finally:
-            await consumer.stop()
-            await producer.stop()
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=100, max_records=self._max_batch)
+            records = [r for recs in batch.values() for r in recs]
+            if not records:
+                continue
+            if await self._route_batch(records, outcomes):
+                await consumer.commit()
+                retry_s = RETRY_MIN_S
+            else:
+                # Read the batch again: what did reach the broker is in the forwarded log
+                # and is skipped as a redelivery; the rest is sent again.
+                for tp, recs in batch.items():
+                    consumer.seek(tp, recs[0].offset)
+                await asyncio.sleep(retry_s)
+                retry_s = min(retry_s * 2, RETRY_MAX_S)
 
     async def _route_batch(self, records: list[ConsumerRecord], outcomes: Outcomes) -> bool:
         """Route a batch; True once every outcome is on the broker, False if the batch must be read again."""

@@ -35,37 +35,34 @@ class Sink:
         self.inserted = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        consumer = kafka.consumer(self._bootstrap, self._topics.costs, group_id=self._group_id)
-        producer = kafka.producer(self._bootstrap)
-        await producer.start()
-        await consumer.start()
-        outcomes = Outcomes(producer, self._topics)
+        async with kafka.consuming(self._bootstrap, [self._topics.costs], group_id=self._group_id) as (
+            consumer, producer
+        ):
+            log.info("sink consuming %s into ClickHouse (batches of up to %d rows or %.1f s)",
+                     self._topics.costs, self._max_batch_rows, self._flush_interval_s)
+            await self._consume(consumer, Outcomes(producer, self._topics), stop)
+
+    async def _consume(self, consumer, outcomes: Outcomes, stop: asyncio.Event) -> None:
         rows: list[CostRecord] = []
         offsets: dict = {}
         first_buffered = None
-        log.info("sink consuming %s into ClickHouse (batches of up to %d rows or %.1f s)",
-                 self._topics.costs, self._max_batch_rows, self._flush_interval_s)
-        try:
-            while not stop.is_set():
-                batch = await consumer.getmany(timeout_ms=100, max_records=self._max_batch_rows - len(rows))
-                for tp, records in batch.items():
-                    for record in records:
-                        try:
-                            rows.append(decode(CostRecord, record.value))
-                        except UndecodableMessage as exc:
-                            await asyncio.gather(*await outcomes.dead_letter(record, exc.code, str(exc)))
-                    offsets[tp] = records[-1].offset + 1
-                if offsets and first_buffered is None:
-                    first_buffered = time.monotonic()
-                due = first_buffered is not None and time.monotonic() - first_buffered >= self._flush_interval_s
-                if len(rows) >= self._max_batch_rows or (offsets and due):
-                    await self._flush(consumer, rows, offsets)
-                    rows, offsets, first_buffered = [], {}, None
-            if offsets:
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=100, max_records=self._max_batch_rows - len(rows))
+            for tp, records in batch.items():
+                for record in records:
+                    try:
+                        rows.append(decode(CostRecord, record.value))
+                    except UndecodableMessage as exc:
+                        await asyncio.gather(*await outcomes.dead_letter(record, exc.code, str(exc)))
+                offsets[tp] = records[-1].offset + 1
+            if offsets and first_buffered is None:
+                first_buffered = time.monotonic()
+            due = first_buffered is not None and time.monotonic() - first_buffered >= self._flush_interval_s
+            if len(rows) >= self._max_batch_rows or (offsets and due):
                 await self._flush(consumer, rows, offsets)
-        finally:
-            await consumer.stop()
-            await producer.stop()
+                rows, offsets, first_buffered = [], {}, None
+        if offsets:
+            await self._flush(consumer, rows, offsets)
 
     async def _flush(self, consumer, rows: list[CostRecord], offsets: dict) -> None:
         # (1) insert, (2) commit: see the module docstring.

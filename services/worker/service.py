@@ -37,40 +37,38 @@ class Worker:
         self._offsets = OffsetTracker()
         self._committed: dict = {}
         self._tasks: set[asyncio.Task] = set()
+        self._consumer = None
         self.completed = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        consumer = kafka.consumer(self._bootstrap, group_id=f"worker.{self.model}")
-        producer = kafka.producer(self._bootstrap)
-        await producer.start()
-        await consumer.start()
-        consumer.subscribe([self._topics.model(self.model)], listener=_CommitOnRevoke(self, consumer))
-        outcomes = Outcomes(producer, self._topics)
+        group = f"worker.{self.model}"
+        async with kafka.consuming(self._bootstrap, [self._topics.model(self.model)], group_id=group,
+                                   listener=_CommitOnRevoke(self)) as (consumer, producer):
+            self._consumer = consumer
+            log.info("worker for model %s consuming %s (up to %d in flight)",
+                     self.model, self._topics.model(self.model), self._max_in_flight)
+            await self._consume(consumer, Outcomes(producer, self._topics), stop)
+
+    async def _consume(self, consumer, outcomes: Outcomes, stop: asyncio.Event) -> None:
         last_commit = time.monotonic()
-        log.info("worker for model %s consuming %s (up to %d in flight)",
-                 self.model, self._topics.model(self.model), self._max_in_flight)
-        try:
-            while not stop.is_set():
-                free = self._max_in_flight - len(self._tasks)
-                if free <= 0:
-                    # Full: stop fetching until a request finishes, so Kafka holds the backlog
-                    # instead of this process.
-                    await asyncio.wait(self._tasks, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
-                else:
-                    batch = await consumer.getmany(timeout_ms=100, max_records=free)
-                    for tp, records in batch.items():
-                        for record in records:
-                            self._offsets.start(tp, record.offset)
-                            task = asyncio.create_task(self._handle(record, outcomes))
-                            self._tasks.add(task)
-                            task.add_done_callback(lambda t, tp=tp, off=record.offset: self._done(t, tp, off))
-                if time.monotonic() - last_commit >= self._commit_interval_s:
-                    await self._commit(consumer)
-                    last_commit = time.monotonic()
-            await self._drain(consumer)
-        finally:
-            await consumer.stop()
-            await producer.stop()
+        while not stop.is_set():
+            free = self._max_in_flight - len(self._tasks)
+            if free <= 0:
+                # Full: stop fetching until a request finishes, so Kafka holds the backlog
+                # instead of this process.
+                await asyncio.wait(self._tasks, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                batch = await consumer.getmany(timeout_ms=100, max_records=free)
+                for tp, records in batch.items():
+                    for record in records:
+                        self._offsets.start(tp, record.offset)
+                        task = asyncio.create_task(self._handle(record, outcomes))
+                        self._tasks.add(task)
+                        task.add_done_callback(lambda t, tp=tp, off=record.offset: self._done(t, tp, off))
+            if time.monotonic() - last_commit >= self._commit_interval_s:
+                await self._commit()
+                last_commit = time.monotonic()
+        await self._drain()
 
     def _done(self, task: asyncio.Task, tp, offset: int) -> None:
         self._tasks.discard(task)
@@ -82,18 +80,18 @@ class Worker:
             # redelivered after a restart instead of being lost.
             log.error("request at %s@%d failed to publish: %r", tp, offset, task.exception())
 
-    async def _commit(self, consumer, partitions=None) -> None:
+    async def _commit(self, partitions=None) -> None:
         offsets = {tp: off for tp, off in self._offsets.committable().items()
                    if self._committed.get(tp) != off and (partitions is None or tp in partitions)}
         if offsets:
-            await consumer.commit(offsets)
+            await self._consumer.commit(offsets)
             self._committed.update(offsets)
 
-    async def _drain(self, consumer) -> None:
+    async def _drain(self) -> None:
         if self._tasks:
             log.info("draining %d requests in flight (grace %.0f s)", len(self._tasks), self._drain_grace_s)
             await asyncio.wait(self._tasks, timeout=self._drain_grace_s)
-        await self._commit(consumer)
+        await self._commit()
 
     async def _handle(self, record: ConsumerRecord, outcomes: Outcomes) -> None:
         try:
@@ -145,13 +143,12 @@ class Worker:
 class _CommitOnRevoke(ConsumerRebalanceListener):
     """Commits what is finished before partitions move to another worker."""
 
-    def __init__(self, worker: Worker, consumer):
+    def __init__(self, worker: Worker):
         self._worker = worker
-        self._consumer = consumer
 
     async def on_partitions_revoked(self, revoked) -> None:
         try:
-            await self._worker._commit(self._consumer, set(revoked))
+            await self._worker._commit(set(revoked))
         except Exception as exc:  # a failed commit here only means redelivery, never loss
             log.warning("commit on revoke failed: %r", exc)
         self._worker._offsets.forget(revoked)
