@@ -128,7 +128,8 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
             "SWITCHYARD_TOPIC_PREFIX": settings.topic_prefix,
             "PYTHONUNBUFFERED": "1",
         })
-        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vLLM warns at length about CPU tuning it cannot do here; its errors still show.
+        env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         me = [sys.executable, "-m", "services.cli.main"]
         children.append(_Child("sink", me + ["sink"], env))
         children.append(_Child("router", me + ["router"], env))
