@@ -96,7 +96,8 @@ async def ensure_topics(bootstrap: str, specs: list[TopicSpec], replication_fact
         if not missing:
             return []
         response = await admin.create_topics(
-            [NewTopic(s.name, num_partitions=s.partitions, replication_factor=replication_factor) for s in missing]
+            [NewTopic(s.name, num_partitions=s.partitions, replication_factor=replication_factor, topic_configs=s.config)
+             for s in missing]
         )
         for name, code, *rest in response.topic_errors:
             if code not in (0, TOPIC_ALREADY_EXISTS):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from schemas.request import Priority
 
@@ -11,12 +11,14 @@ MODEL_PARTITIONS = 6
 REPLY_PARTITIONS = 3
 COST_PARTITIONS = 6
 DEAD_LETTER_PARTITIONS = 1
+POLICY_PARTITIONS = 1
 
 
 @dataclass(frozen=True)
 class TopicSpec:
     name: str
     partitions: int
+    config: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ class Topics:
     def dead_letter(self) -> str:
         return f"{self.prefix}.dead-letter"
 
+    @property
+    def policies(self) -> str:
+        return f"{self.prefix}.policies"
+
     def plan(self, models: list[str]) -> list[TopicSpec]:
         """The topics a deployment serving `models` needs, with their partition counts."""
         return [
@@ -53,6 +59,8 @@ class Topics:
             *(TopicSpec(self.model(m), MODEL_PARTITIONS) for m in models),
             TopicSpec(self.costs, COST_PARTITIONS),
             TopicSpec(self.dead_letter, DEAD_LETTER_PARTITIONS),
+            # Compacted: the latest policy is kept for ever, older versions may go.
+            TopicSpec(self.policies, POLICY_PARTITIONS, {"cleanup.policy": "compact"}),
         ]
 
     def reply_spec(self, reply_to: str) -> TopicSpec:
@@ -61,7 +69,8 @@ class Topics:
 
 # Key rules. Requests are keyed by route, so one route's requests keep their order; model
 # topics by the prefix hash (shared.prefix), so a conversation lands where its KV blocks are;
-# replies and cost records by request id, which spreads them evenly.
+# replies and cost records by request id, which spreads them evenly; the policy by one fixed
+# key, so compaction keeps exactly the latest.
 def request_key(route: str) -> bytes:
     return route.encode()
 
@@ -71,3 +80,5 @@ def reply_key(request_id: str) -> bytes:
 
 
 cost_key = reply_key
+
+POLICY_KEY = b"policy"

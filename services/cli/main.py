@@ -25,6 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-in-flight", type=int, default=64)
     sub.add_parser("sink", help="run the cost sink (joins group 'sink')")
 
+    policy = sub.add_parser("policy", help="the live route policy")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    apply = policy_sub.add_parser("apply", help="validate FILE whole and make it the policy of every router")
+    apply.add_argument("file", type=Path)
+    show = policy_sub.add_parser("show", help="print the policy in force")
+    show.add_argument("--json", action="store_true", help="as JSON instead of YAML")
+
     topics = sub.add_parser("topics", help="topic utilities")
     topics_sub = topics.add_subparsers(dest="topics_command", required=True)
     create = topics_sub.add_parser("create", help="create every topic the policy's models need, with partition counts")
@@ -69,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
             log.setup("sink")
             lifecycle.run(lambda stop: serve(settings, stop))
+        elif args.command == "policy":
+            from services.cli.policy import apply, show
+
+            return apply(settings, args.file) if args.policy_command == "apply" else show(settings, args.json)
         elif args.command == "topics":
             return _create_topics(settings, args.models.split(",") if args.models else None)
         elif args.command == "model":

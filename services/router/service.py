@@ -15,6 +15,7 @@ import orjson
 from aiokafka.structs import ConsumerRecord
 
 from schemas import InferenceRequest, PolicySet, RoutedRequest, Status, now_ms
+from services.router.feed import PolicyFeed
 from services.router.seen import ForwardedLog, content_digest
 from shared import kafka
 from shared.codec import decode, encode
@@ -55,8 +56,9 @@ def decide(request: InferenceRequest, policies: PolicySet) -> RoutedRequest:
 
 class Router:
     def __init__(self, *, bootstrap: str, topics: Topics, policies: PolicySet, forwarded: ForwardedLog,
-                 group_id: str = "router", max_batch: int = 500):
+                 feed: PolicyFeed | None = None, group_id: str = "router", max_batch: int = 500):
         self._bootstrap = bootstrap
+        self._feed = feed
         self._topics = topics
         self.policies = policies
         self._forwarded = forwarded
@@ -64,13 +66,24 @@ class Router:
         self._max_batch = max_batch
         self.counts: Counter[str] = Counter()
 
+    def apply_policy(self, policies: PolicySet) -> None:
+        """Swap the policy in force; the next batch is routed with it."""
+        self.policies = policies
+        log.info("policy version %s in force (routes: %s)", policies.version, ", ".join(policies.routes))
+
     async def run(self, stop: asyncio.Event) -> None:
         async with kafka.consuming(self._bootstrap, self._topics.all_requests, group_id=self._group_id) as (
             consumer, producer
         ):
             log.info("router consuming %s with policy version %s (routes: %s)",
                      ", ".join(self._topics.all_requests), self.policies.version, ", ".join(self.policies.routes))
-            await self._consume(consumer, Outcomes(producer, self._topics), stop)
+            following = asyncio.create_task(self._feed.follow(self.apply_policy, stop)) if self._feed else None
+            try:
+                await self._consume(consumer, Outcomes(producer, self._topics), stop)
+            finally:
+                if following is not None:
+                    following.cancel()
+                    await asyncio.gather(following, return_exceptions=True)
 
     async def _consume(self, consumer, outcomes: Outcomes, stop: asyncio.Event) -> None:
         retry_s = RETRY_MIN_S

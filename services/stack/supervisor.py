@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from services.router import feed
 from services.router.policy import load
 from services.stack import infra
 from services.worker import tiny_model
@@ -117,6 +118,7 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
         specs = settings.topics.plan(models)
         for line in asyncio.run(prepare(bootstrap, specs, settings.replication_factor)):
             print(f"topics       | {line}", flush=True)
+        print(f"policy       | {asyncio.run(_policy_in_force(bootstrap, settings, policies))}", flush=True)
 
         env = dict(os.environ)
         env.update({
@@ -166,3 +168,11 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
         print("stack        | stopped", flush=True)
     return code
 
+
+async def _policy_in_force(bootstrap: str, settings: Settings, policies) -> str:
+    """Apply the policy file unless the cluster already has a policy: a live change outlives a restart."""
+    current = await feed.in_force(bootstrap, settings.topics)
+    if current is not None:
+        return f"version {current.version} in force on {settings.topics.policies} (file not applied)"
+    await feed.publish(bootstrap, settings.topics, policies)
+    return f"applied version {policies.version} from {settings.policy_file}"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from services.router.feed import PolicyFeed
 from services.router.policy import load
 from services.router.seen import ForwardedLog
 from services.router.service import Router
@@ -117,13 +118,18 @@ def worker(broker, topics, policy_file, model_path):
 
 @pytest.fixture
 async def router(broker, redis_url, topics, policies):
+    """A router as `switchyard router` runs one: the policy in force on the topic, else the file's."""
+    await ensure_topics(broker, topics.plan(["small"]))
     redis = Redis.from_url(redis_url)
-    router = Router(bootstrap=broker, topics=topics, policies=policies, forwarded=ForwardedLog(redis))
+    feed = PolicyFeed(broker, topics)
+    router = Router(bootstrap=broker, topics=topics, policies=await feed.start() or policies,
+                    forwarded=ForwardedLog(redis), feed=feed)
     stop = asyncio.Event()
     task = asyncio.create_task(router.run(stop))
     yield router
     stop.set()
     await task
+    await feed.stop()
     await redis.aclose()
 
 
