@@ -2,7 +2,7 @@
 
 from schemas._base import SCHEMA_VERSION
 from schemas.cost import CostRecord
-from schemas.policy import ModelPrice, ModelSpec, PolicySet, RoutePolicy
+from schemas.policy import ModelPrice, ModelSpec, PolicySet, RoutePolicy, TenantLimits
 from schemas.request import ChatMessage, InferenceRequest, Priority, Sampling, new_request_id, now_ms
 from schemas.result import CacheHit, ErrorInfo, InferenceResult, Latency, Status
 from schemas.routed import DeadLetter, RoutedRequest
@@ -29,6 +29,7 @@ __all__ = [
     "RoutedRequest",
     "Sampling",
     "Status",
+    "TenantLimits",
     "new_request_id",
     "now_ms",
 ]

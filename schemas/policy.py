@@ -23,10 +23,12 @@ class ModelPrice(WireModel):
 
 
 class ModelSpec(WireModel):
-    tier: str = Field(pattern=NAME_PATTERN, description="small, large, frontier, ...: what the model is good for.")
+    tier: str = Field(pattern=NAME_PATTERN, description="One of the policy's tiers: what the model is good for.")
     price_in_usd_per_mtok: Decimal = Field(ge=0, description="USD per 1M prompt tokens, at most 3 decimals.")
     price_out_usd_per_mtok: Decimal = Field(ge=0, description="USD per 1M output tokens, at most 3 decimals.")
     max_context_tokens: int = Field(default=4096, ge=1)
+    supports_tools: bool = False
+    supports_json_schema: bool = False
 
     @field_validator("price_in_usd_per_mtok", "price_out_usd_per_mtok")
     @classmethod
@@ -44,21 +46,34 @@ class ModelSpec(WireModel):
         )
 
 
+class TenantLimits(WireModel):
+    """Per-minute limits of one tenant, shared by every router through Redis; None is unlimited."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+
+
 class RoutePolicy(WireModel):
-    models: list[str] = Field(min_length=1, description="Models the route may use, primary first, then its fallbacks.")
+    models: list[str] = Field(min_length=1, description="Models the route may use; the fallback chain, in this order.")
+    max_input_tokens: int | None = Field(default=None, ge=1, description="Over it (estimated): rejected input_too_large.")
     max_output_tokens: int = Field(ge=1, description="A request's max_tokens is capped to this.")
-    allow_escalation: bool = Field(default=False, description="Whether 'escalate: true' may send a request to the route's last model.")
+    allow_escalation: bool = Field(default=False, description="Whether 'escalate: true' may send a request to the route's strongest tier.")
+    max_cost_usd: Decimal | None = Field(default=None, gt=0, description="Cost ceiling per request: models whose worst case is dearer are skipped.")
 
 
 class PolicySet(Message):
     """Every route's policy and every model's price: what a router needs to decide."""
 
     version: str = Field(default="1", max_length=64)
+    tiers: list[str] = Field(default_factory=lambda: ["small", "large", "frontier"], min_length=1,
+                             description="Tiers from cheapest to strongest.")
     unknown_route: Literal["reject"] | str = Field(
         default="reject", description="'reject', or the name of a route whose policy serves requests for unknown routes."
     )
     models: dict[str, ModelSpec] = Field(min_length=1)
     routes: dict[str, RoutePolicy] = Field(min_length=1)
+    tenants: dict[str, TenantLimits] = Field(default_factory=dict, description="Limits of named tenants.")
+    default_tenant_limits: TenantLimits = Field(default_factory=TenantLimits, description="Limits of every other tenant.")
 
     @field_validator("models", "routes")
     @classmethod
@@ -73,6 +88,9 @@ class PolicySet(Message):
     @model_validator(mode="after")
     def _references(self) -> PolicySet:
         problems = []
+        for model, spec in self.models.items():
+            if spec.tier not in self.tiers:
+                problems.append(f"models.{model}.tier: {spec.tier!r} is not one of the tiers ({', '.join(self.tiers)})")
         for route, policy in self.routes.items():
             for model in policy.models:
                 if model not in self.models:
@@ -82,6 +100,12 @@ class PolicySet(Message):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def tier_rank(self, model: str) -> int:
+        return self.tiers.index(self.models[model].tier)
+
+    def limits_for(self, tenant: str) -> TenantLimits:
+        return self.tenants.get(tenant, self.default_tenant_limits)
 
     def route_for(self, route: str) -> RoutePolicy | None:
         """The policy that serves `route`: its own, the default route's, or None (reject)."""

@@ -26,6 +26,7 @@ class ErrorInfo(WireModel):
     code: str = Field(description="Stable, machine-readable: input_invalid, unknown_route, engine_error, ...")
     message: str
     retriable: bool = False
+    retry_after_ms: int | None = Field(default=None, ge=0, description="When retriable: how long to wait first.")
 
 
 class Latency(WireModel):

@@ -34,14 +34,14 @@ DEAD_LETTER_PAYLOAD_CHARS = 64 * 1024
 
 
 def error_result(request: InferenceRequest, status: Status, code: str, message: str, *,
-                 retriable: bool = False) -> InferenceResult:
+                 retriable: bool = False, retry_after_ms: int | None = None) -> InferenceResult:
     return InferenceResult(
         request_id=request.id,
         tenant=request.tenant,
         route=request.route,
         status=status,
         latency=Latency(total_ms=max(0, now_ms() - request.created_at_ms)),
-        error=ErrorInfo(code=code, message=message, retriable=retriable),
+        error=ErrorInfo(code=code, message=message, retriable=retriable, retry_after_ms=retry_after_ms),
     )
 
 
@@ -83,9 +83,10 @@ class Outcomes:
             await self._producer.send(self._topics.costs, encode(cost), key=cost_key(request.id)),
         ]
 
-    async def reject(self, request: InferenceRequest, status: Status, code: str, message: str) -> list[asyncio.Future]:
+    async def reject(self, request: InferenceRequest, status: Status, code: str, message: str,
+                     **error) -> list[asyncio.Future]:
         """Answer a request that no model will run: an error result and a zero-cost record."""
-        result = error_result(request, status, code, message)
+        result = error_result(request, status, code, message, **error)
         return await self.finish(request, result, cost_record(request, result))
 
     async def dead_letter(self, record: ConsumerRecord, code: str, reason: str) -> list[asyncio.Future]:

@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from services.router.feed import PolicyFeed
 from services.router.policy import load
+from services.router.limits import TenantLimiter
 from services.router.seen import ForwardedLog
 from services.router.service import Router
 from shared.errors import ConfigError
@@ -31,7 +32,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     try:
         router = Router(bootstrap=settings.bootstrap, topics=settings.topics, policies=policies,
-                        forwarded=ForwardedLog(redis), feed=feed)
+                        forwarded=ForwardedLog(redis), limiter=TenantLimiter(redis), feed=feed)
         await router.run(stop)
     finally:
         await feed.stop()

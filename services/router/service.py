@@ -15,11 +15,13 @@ import orjson
 from aiokafka.structs import ConsumerRecord
 
 from schemas import InferenceRequest, PolicySet, RoutedRequest, Status, now_ms
+from services.router.decide import decide, estimate_tokens
 from services.router.feed import PolicyFeed
+from services.router.limits import TenantLimiter
 from services.router.seen import ForwardedLog, content_digest
 from shared import kafka
 from shared.codec import decode, encode
-from shared.errors import EscalationNotAllowed, InputError, UndecodableMessage, UnknownRoute
+from shared.errors import InputError, UndecodableMessage
 from shared.outcomes import Outcomes
 from shared.prefix import prefix_hash
 from shared.topics import Topics
@@ -30,34 +32,12 @@ RETRY_MIN_S = 0.2
 RETRY_MAX_S = 10.0
 
 
-def decide(request: InferenceRequest, policies: PolicySet) -> RoutedRequest:
-    """The model and capped sampling for one request, or an InputError saying why it is refused."""
-    policy = policies.route_for(request.route)
-    if policy is None:
-        raise UnknownRoute(f"no policy for route {request.route!r} (routes: {', '.join(policies.routes)})")
-    if request.escalate:
-        if not policy.allow_escalation:
-            raise EscalationNotAllowed(f"route {request.route!r} does not allow 'escalate: true'")
-        model, reason = policy.models[-1], "escalate requested"
-    else:
-        model, reason = policy.models[0], "route primary"
-    capped = min(request.sampling.max_tokens, policy.max_output_tokens)
-    if capped != request.sampling.max_tokens:
-        request = request.model_copy(update={"sampling": request.sampling.model_copy(update={"max_tokens": capped})})
-    return RoutedRequest(
-        request=request,
-        model=model,
-        price=policies.models[model].price,
-        policy_version=policies.version,
-        received_at_ms=now_ms(),
-        reasons=[reason],
-    )
-
-
 class Router:
     def __init__(self, *, bootstrap: str, topics: Topics, policies: PolicySet, forwarded: ForwardedLog,
-                 feed: PolicyFeed | None = None, group_id: str = "router", max_batch: int = 500):
+                 limiter: TenantLimiter, feed: PolicyFeed | None = None, group_id: str = "router",
+                 max_batch: int = 500):
         self._bootstrap = bootstrap
+        self._limiter = limiter
         self._feed = feed
         self._topics = topics
         self.policies = policies
@@ -117,23 +97,42 @@ class Router:
                 best_effort += await outcomes.reply_error_to_sender(_loads_or_none(record.value), exc.code, str(exc))
 
         known = await self._forwarded.lookup([(r.tenant, r.id) for r, _ in decoded])
-        forwards: list[tuple[tuple[str, str, str], asyncio.Future]] = []
+        admitted: list[tuple[RoutedRequest, str]] = []
         seen_in_batch: dict[tuple[str, str], str] = {}
         for (request, digest), earlier in zip(decoded, known):
             earlier = earlier or seen_in_batch.get((request.tenant, request.id))
             if earlier == digest:
                 self.counts["redelivered"] += 1
                 continue
-            if earlier is not None:
-                self.counts["rejected"] += 1
-                required += await outcomes.reject(request, Status.rejected, "duplicate_request_id",
-                                                  f"request id {request.id!r} was already used for a different request")
-                continue
             seen_in_batch[(request.tenant, request.id)] = digest
-            sent = await self._route_one(request, outcomes)
-            required += sent
-            if len(sent) == 1:
-                forwards.append(((request.tenant, request.id, digest), sent[0]))
+            if earlier is not None:
+                required += await self._refuse(outcomes, request, "duplicate_request_id",
+                                               f"request id {request.id!r} was already used for a different request")
+            elif request.deadline_unix_ms is not None and now_ms() > request.deadline_unix_ms:
+                self.counts["expired"] += 1
+                required += await outcomes.reject(request, Status.expired, "deadline_passed",
+                                                  "the request's deadline passed before it was routed")
+            else:
+                try:
+                    admitted.append((decide(request, self.policies), digest))
+                except InputError as exc:
+                    required += await self._refuse(outcomes, request, exc.code, str(exc))
+
+        verdicts = await self._limiter.check([
+            (r.request.tenant, estimate_tokens(r.request) + r.request.sampling.max_tokens,
+             self.policies.limits_for(r.request.tenant)) for r, _ in admitted
+        ])
+        forwards: list[tuple[tuple[str, str, str], asyncio.Future]] = []
+        for (routed, digest), refusal in zip(admitted, verdicts):
+            request = routed.request
+            if refusal is not None:
+                required += await self._refuse(outcomes, request, "rate_limited", refusal.message,
+                                               retriable=refusal.retriable, retry_after_ms=refusal.retry_after_ms)
+                continue
+            self.counts["routed"] += 1
+            sent = await outcomes.send(self._topics.model(routed.model), encode(routed), prefix_hash(request).encode())
+            required.append(sent)
+            forwards.append(((request.tenant, request.id, digest), sent))
 
         failures = [r for r in await asyncio.gather(*required, return_exceptions=True) if isinstance(r, Exception)]
         for failed in await asyncio.gather(*best_effort, return_exceptions=True):
@@ -146,19 +145,10 @@ class Router:
             return False
         return True
 
-    async def _route_one(self, request: InferenceRequest, outcomes: Outcomes) -> list[asyncio.Future]:
-        """One future for a forward to a model topic, or two (result and cost record) for an answer given here."""
-        if request.deadline_unix_ms is not None and now_ms() > request.deadline_unix_ms:
-            self.counts["expired"] += 1
-            return await outcomes.reject(request, Status.expired, "deadline_passed",
-                                         "the request's deadline passed before it was routed")
-        try:
-            routed = decide(request, self.policies)
-        except InputError as exc:
-            self.counts["rejected"] += 1
-            return await outcomes.reject(request, Status.rejected, exc.code, str(exc))
-        self.counts["routed"] += 1
-        return [await outcomes.send(self._topics.model(routed.model), encode(routed), prefix_hash(request).encode())]
+    async def _refuse(self, outcomes: Outcomes, request: InferenceRequest, code: str, message: str,
+                      **error) -> list[asyncio.Future]:
+        self.counts["rejected"] += 1
+        return await outcomes.reject(request, Status.rejected, code, message, **error)
 
 
 def _loads_or_none(value: bytes | None):

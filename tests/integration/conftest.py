@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from services.router.feed import PolicyFeed
 from services.router.policy import load
+from services.router.limits import TenantLimiter
 from services.router.seen import ForwardedLog
 from services.router.service import Router
 from services.sink.service import Sink
@@ -38,6 +39,8 @@ models:
 routes:
   chat: {models: [small], max_output_tokens: 16}
   short: {models: [small], max_output_tokens: 4}
+tenants:
+  limited: {requests_per_minute: 2}
 """
 
 
@@ -123,7 +126,7 @@ async def router(broker, redis_url, topics, policies):
     redis = Redis.from_url(redis_url)
     feed = PolicyFeed(broker, topics)
     router = Router(bootstrap=broker, topics=topics, policies=await feed.start() or policies,
-                    forwarded=ForwardedLog(redis), feed=feed)
+                    forwarded=ForwardedLog(redis), limiter=TenantLimiter(redis), feed=feed)
     stop = asyncio.Event()
     task = asyncio.create_task(router.run(stop))
     yield router

@@ -4,7 +4,7 @@ import pytest
 
 from schemas import InferenceRequest
 from services.router.policy import parse
-from services.router.service import decide
+from services.router.decide import InputTooLarge, NoCapableModel, decide
 from shared.errors import EscalationNotAllowed, UnknownRoute
 
 POLICIES = parse("""
@@ -18,8 +18,8 @@ routes:
 """)
 
 
-def req(route="chat", max_tokens=256, **fields) -> InferenceRequest:
-    return InferenceRequest(tenant="acme", route=route, reply_to="svc", prompt="hi",
+def req(route="chat", max_tokens=256, prompt="hi", **fields) -> InferenceRequest:
+    return InferenceRequest(tenant="acme", route=route, reply_to="svc", prompt=prompt,
                             sampling={"max_tokens": max_tokens}, **fields)
 
 
@@ -44,3 +44,65 @@ def test_escalate_goes_to_the_last_model_only_where_allowed():
 def test_unknown_route_is_refused_with_the_known_routes():
     with pytest.raises(UnknownRoute, match="chat, deep"):
         decide(req(route="nope"), POLICIES)
+
+
+RICH = parse("""
+version: "v10"
+models:
+  mini: {tier: small, price_in_usd_per_mtok: 0.1, price_out_usd_per_mtok: 0.4, max_context_tokens: 100}
+  small: {tier: small, price_in_usd_per_mtok: 0.15, price_out_usd_per_mtok: 0.6, supports_json_schema: true}
+  large: {tier: large, price_in_usd_per_mtok: 2.5, price_out_usd_per_mtok: 10, supports_tools: true,
+          supports_json_schema: true}
+routes:
+  chat: {models: [large, small, mini], max_output_tokens: 32, max_input_tokens: 1000}
+  capped: {models: [small, large], max_output_tokens: 100, max_cost_usd: 0.0002}
+""")
+
+
+def test_the_cheapest_capable_model_wins_and_the_rest_are_the_fallback_chain_cheapest_first():
+    routed = decide(req(), RICH)
+    assert routed.model == "mini"
+    assert routed.fallbacks == ["small", "large"]
+    assert routed.reasons[-1].startswith("cheapest capable model")
+
+
+def test_a_harder_request_skips_lower_tiers():
+    routed = decide(req(), RICH, needs_tier=1, reasons=["classifier: hard"])
+    assert routed.model == "large" and routed.fallbacks == []
+    assert routed.reasons[0] == "classifier: hard"
+
+
+def test_capabilities_decide_which_models_can_serve():
+    long_prompt = req(prompt="word " * 200)  # ~250 tokens: over mini's 100-token context
+    assert decide(long_prompt, RICH).model == "small"
+    assert decide(req(response_schema={"type": "object"}), RICH).model == "small"
+    assert decide(req(tools=[{"type": "function", "function": {"name": "f"}}]), RICH).model == "large"
+
+
+def test_unhealthy_models_are_skipped_not_retried():
+    assert decide(req(), RICH, unhealthy={"mini"}).model == "small"
+
+
+def test_over_the_input_limit_is_input_too_large():
+    with pytest.raises(InputTooLarge, match="at most 1000"):
+        decide(req(prompt="x" * 8000), RICH)
+
+
+def test_cost_ceilings_of_route_and_request_skip_dear_models():
+    # small worst case: 1 token in * 150 + 100 out * 600 = 60,150 nano-USD; large: 1,002,500 > 200,000.
+    assert decide(req(route="capped", max_tokens=100), RICH).fallbacks == []
+    with pytest.raises(NoCapableModel, match="over the ceiling"):
+        decide(req(route="capped", max_tokens=100, max_cost_nano_usd=1000), RICH)
+
+
+def test_tiers_must_be_known():
+    with pytest.raises(Exception, match="models.x.tier: 'huge' is not one of the tiers"):
+        parse(GOOD_TIERLESS)
+
+
+GOOD_TIERLESS = """
+models:
+  x: {tier: huge, price_in_usd_per_mtok: 1, price_out_usd_per_mtok: 1}
+routes:
+  r: {models: [x], max_output_tokens: 1}
+"""

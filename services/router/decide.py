@@ -1,0 +1,96 @@
+"""Choosing the model for one request: the cheapest one of the route's models that can serve it.
+
+A model can serve a request when its tier is at least the one the request needs (the route's
+lowest by default, the strongest for `escalate: true`, higher when the classifier says the
+request is hard), it has the capabilities the request uses (context length, tools, a JSON
+schema), its worst-case cost is under the ceilings, and it is healthy. The rest of the
+candidates, cheapest first, travel with the request as its fallback chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from schemas import InferenceRequest, PolicySet, RoutedRequest, now_ms
+from shared.errors import EscalationNotAllowed, InputError, UnknownRoute
+
+NANO_USD_PER_USD = 10**9
+# Without the model's tokenizer the router estimates: about 4 bytes of text per token, plus a
+# few tokens of chat template per message. The worker counts exactly and bills what it counts.
+BYTES_PER_TOKEN = 4
+TEMPLATE_TOKENS_PER_MESSAGE = 4
+
+
+class InputTooLarge(InputError):
+    """The request's input is over its route's max_input_tokens."""
+
+    code = "input_too_large"
+
+
+class NoCapableModel(InputError):
+    """No model of the route can serve this request (tier, context, tools, schema, cost ceiling or health)."""
+
+    code = "no_capable_model"
+
+
+def estimate_tokens(request: InferenceRequest) -> int:
+    if request.messages is not None:
+        return sum(len(m.content.encode()) // BYTES_PER_TOKEN + TEMPLATE_TOKENS_PER_MESSAGE for m in request.messages)
+    return len(request.prompt.encode()) // BYTES_PER_TOKEN + 1
+
+
+def decide(request: InferenceRequest, policies: PolicySet, *, needs_tier: int = 0, reasons: Collection[str] = (),
+           unhealthy: Collection[str] = ()) -> RoutedRequest:
+    """The routed request, or an InputError saying why no model may serve it."""
+    policy = policies.route_for(request.route)
+    if policy is None:
+        raise UnknownRoute(f"no policy for route {request.route!r} (routes: {', '.join(policies.routes)})")
+    tokens_in = estimate_tokens(request)
+    if policy.max_input_tokens is not None and tokens_in > policy.max_input_tokens:
+        raise InputTooLarge(f"the input is about {tokens_in} tokens; route {request.route!r} takes at most "
+                            f"{policy.max_input_tokens}")
+    max_tokens = min(request.sampling.max_tokens, policy.max_output_tokens)
+    why = list(reasons)
+    if request.escalate:
+        if not policy.allow_escalation:
+            raise EscalationNotAllowed(f"route {request.route!r} does not allow 'escalate: true'")
+        needs_tier = max(policies.tier_rank(m) for m in policy.models)
+        why.append("escalate requested")
+    ceilings = [c for c in (policy.max_cost_usd and int(policy.max_cost_usd * NANO_USD_PER_USD),
+                            request.max_cost_nano_usd) if c is not None]
+    ceiling = min(ceilings) if ceilings else None
+
+    candidates, skipped = [], []
+    for model in policy.models:
+        spec = policies.models[model]
+        worst_case = spec.price.cost_nano_usd(tokens_in, max_tokens)
+        if policies.tier_rank(model) < needs_tier:
+            skipped.append(f"{model}: tier {spec.tier} is below {policies.tiers[needs_tier]}")
+        elif tokens_in + 1 > spec.max_context_tokens:
+            skipped.append(f"{model}: context {spec.max_context_tokens} tokens is too short")
+        elif request.tools and not spec.supports_tools:
+            skipped.append(f"{model}: no tool calls")
+        elif request.response_schema and not spec.supports_json_schema:
+            skipped.append(f"{model}: no JSON schema output")
+        elif ceiling is not None and worst_case > ceiling:
+            skipped.append(f"{model}: worst case {worst_case} nano-USD is over the ceiling {ceiling}")
+        elif model in unhealthy:
+            skipped.append(f"{model}: unhealthy")
+        else:
+            candidates.append((worst_case, model))
+    if not candidates:
+        raise NoCapableModel(f"no model of route {request.route!r} can serve this request: {'; '.join(skipped)}")
+    candidates.sort(key=lambda c: c[0])  # stable: equal prices keep the route's order
+    chosen = candidates[0][1]
+    why.append(f"cheapest capable model at tier {policies.models[chosen].tier} or above")
+    if max_tokens != request.sampling.max_tokens:
+        request = request.model_copy(update={"sampling": request.sampling.model_copy(update={"max_tokens": max_tokens})})
+    return RoutedRequest(
+        request=request,
+        model=chosen,
+        price=policies.models[chosen].price,
+        policy_version=policies.version,
+        received_at_ms=now_ms(),
+        fallbacks=[model for _, model in candidates[1:]],
+        reasons=why,
+    )
