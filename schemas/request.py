@@ -5,13 +5,14 @@ from __future__ import annotations
 import enum
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from schemas._base import NAME_PATTERN, Message, WireModel
 
 MAX_TEXT_CHARS = 1_000_000
+EARLIEST_MS = 1_577_836_800_000  # 2020-01-01: anything earlier is a clock or unit mistake (seconds, not ms)
 
 
 class Priority(str, enum.Enum):
@@ -29,7 +30,7 @@ class Sampling(WireModel):
     max_tokens: int = Field(default=256, ge=1, le=131_072)
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=16)
     seed: int | None = None
 
 
@@ -59,7 +60,7 @@ class InferenceRequest(Message):
     idempotency_key: str | None = Field(default=None, max_length=256)
     reply_to: str = Field(pattern=NAME_PATTERN, description="Results go to the reply topic of this name.")
     prefix_key: str | None = Field(default=None, max_length=256, description="Session key: requests sharing it share a worker and its KV cache.")
-    created_at_ms: int = Field(default_factory=now_ms, ge=0)
+    created_at_ms: int = Field(default_factory=now_ms, ge=EARLIEST_MS, description="Unix ms, set by the producer.")
 
     @model_validator(mode="after")
     def _one_input(self) -> InferenceRequest:

@@ -50,4 +50,5 @@ class InferenceResult(Message):
     latency: Latency = Field(default_factory=Latency)
     confidence: float | None = Field(default=None, ge=0.0, le=1.0)
     escalation_path: list[str] = Field(default_factory=list)
+    route_reasons: list[str] = Field(default_factory=list, description="Why the router chose this model.")
     error: ErrorInfo | None = None

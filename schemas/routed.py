@@ -19,7 +19,7 @@ class RoutedRequest(Message):
     received_at_ms: int = Field(ge=0, description="When the router took the request off its topic.")
     attempt: int = Field(default=0, ge=0)
     fallbacks: list[str] = Field(default_factory=list, description="Models to try next, in order, if this one cannot serve.")
-    reasons: list[str] = Field(default_factory=list, description="Why this model: shown on the result and in metrics.")
+    reasons: list[str] = Field(default_factory=list, description="Why this model; the worker copies them onto the result.")
 
 
 class DeadLetter(Message):

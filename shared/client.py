@@ -16,7 +16,7 @@ from aiokafka.structs import TopicPartition
 from schemas import ChatMessage, InferenceRequest, InferenceResult, Priority, Sampling
 from shared import kafka
 from shared.codec import decode, encode
-from shared.errors import RequestTimeout, UndecodableMessage
+from shared.errors import DependencyUnavailable, RequestTimeout, UndecodableMessage
 from shared.topics import Topics, request_key
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 class Client:
     """Correlates results with requests by id; several clients may share one reply topic."""
 
-    def __init__(self, bootstrap: str, *, reply_to: str, topics: Topics | None = None, timeout_s: float = 60.0):
+    def __init__(self, bootstrap: str, *, reply_to: str, topics: Topics | None = None, timeout_s: float = 60.0,
+                 replication_factor: int = 1):
         self._bootstrap = bootstrap
         self.reply_to = reply_to
         self._topics = topics or Topics()
@@ -34,6 +35,7 @@ class Client:
         self._producer = None
         self._consumer = None
         self._reader: asyncio.Task | None = None
+        self._replication_factor = replication_factor
 
     async def __aenter__(self) -> Client:
         await self.start()
@@ -44,7 +46,7 @@ class Client:
 
     async def start(self) -> None:
         reply_topic = self._topics.replies(self.reply_to)
-        await kafka.ensure_topics(self._bootstrap, [self._topics.reply_spec(self.reply_to)])
+        await kafka.ensure_topics(self._bootstrap, [self._topics.reply_spec(self.reply_to)], self._replication_factor)
         self._producer = kafka.producer(self._bootstrap)
         await self._producer.start()
         # No group: every client instance reads every partition of its reply topic from
@@ -53,11 +55,24 @@ class Client:
         await self._consumer.start()
         await self._consumer.topics()
         partitions = [TopicPartition(reply_topic, p) for p in sorted(self._consumer.partitions_for_topic(reply_topic) or ())]
+        if not partitions:
+            raise DependencyUnavailable(f"the broker reports no partitions for the reply topic {reply_topic}")
         self._consumer.assign(partitions)
         await self._consumer.seek_to_end(*partitions)
         for tp in partitions:  # resolve positions now, so no reply can slip past before the first send
             await self._consumer.position(tp)
         self._reader = asyncio.create_task(self._read_replies())
+        self._reader.add_done_callback(self._reader_stopped)
+
+    def _reader_stopped(self, task: asyncio.Task) -> None:
+        """If reading replies fails, every waiting request fails with that error, not a vague timeout."""
+        if task.cancelled() or task.exception() is None:
+            return
+        error = DependencyUnavailable(f"reading replies from {self._topics.replies(self.reply_to)} failed: "
+                                      f"{task.exception()!r}")
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(error)
 
     async def close(self) -> None:
         if self._reader:
@@ -93,6 +108,8 @@ class Client:
 
     async def submit(self, request: InferenceRequest, timeout_s: float | None = None) -> InferenceResult:
         """Publish `request` and return its result; raise RequestTimeout if none arrives in time."""
+        if self._reader is None or self._reader.done():
+            raise DependencyUnavailable("the client is not reading replies (not started, closed, or failed)")
         if request.reply_to != self.reply_to:
             request = request.model_copy(update={"reply_to": self.reply_to})
         fut = self.track(request.id)

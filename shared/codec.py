@@ -29,13 +29,19 @@ def decode(kind: type[M], data: bytes | None) -> M:
         raise UndecodableMessage(f"not a valid {kind.__name__}: {describe(exc)}") from None
 
 
+def problems(exc: ValidationError) -> list[str]:
+    """Each validation error as `field.path: what is wrong`."""
+    out = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        out.append(f"{where}: {message}" if where else message)
+    return out
+
+
 def describe(exc: ValidationError, limit: int = 5) -> str:
     """A validation error in one line: `field.path: what is wrong; ...`."""
-    parts = []
-    for err in exc.errors()[:limit]:
-        where = ".".join(str(p) for p in err["loc"]) or "(message)"
-        parts.append(f"{where}: {err['msg']}")
-    more = exc.error_count() - limit
-    if more > 0:
-        parts.append(f"and {more} more")
+    parts = problems(exc)
+    if len(parts) > limit:
+        parts = parts[:limit] + [f"and {len(parts) - limit} more"]
     return "; ".join(parts)

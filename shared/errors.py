@@ -8,6 +8,9 @@ class SwitchyardError(Exception):
 
     code = "internal"
     retriable = False
+    # True when the process cannot go on (its engine died): stop, commit nothing more, let
+    # the supervisor restart it and Kafka redeliver what it had not finished.
+    fatal = False
     # True when the caller sent something wrong: dead-letter it and answer with an error,
     # never retry. False: the platform failed, retry (if retriable) and alert.
     caller_fault = False
@@ -38,6 +41,12 @@ class EscalationNotAllowed(InputError):
     code = "escalation_not_allowed"
 
 
+class InputTooLarge(InputError):
+    """The input is over the route's max_input_tokens or the model's context."""
+
+    code = "input_too_large"
+
+
 class ConfigError(SwitchyardError):
     """A setting or configuration file is wrong; the message names it."""
 
@@ -55,6 +64,13 @@ class EngineError(SwitchyardError):
 
     code = "engine_error"
     retriable = True
+
+
+class EngineDead(SwitchyardError):
+    """The model engine itself has died; nothing more can run in this process."""
+
+    code = "engine_dead"
+    fatal = True
 
 
 class DependencyUnavailable(SwitchyardError):

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaConnectionError, KafkaError
 
 from shared.errors import DependencyUnavailable
 from shared.topics import TopicSpec
@@ -63,6 +63,25 @@ async def consuming(bootstrap: str, topics: list[str], *, group_id: str,
             await consumer_.stop()
     finally:
         await producer_.stop()
+
+
+async def commit(consumer: AIOKafkaConsumer, offsets: dict | None = None) -> bool:
+    """Commit, and survive a rebalance that took the partitions away meanwhile: their records
+    are read again by the new owner, which every service tolerates. False if it did not commit."""
+    try:
+        await consumer.commit(offsets)
+        return True
+    except (CommitFailedError, IllegalStateError) as exc:
+        log.warning("commit skipped after a rebalance: %s", exc)
+        return False
+
+
+def rewind(consumer: AIOKafkaConsumer, offsets: dict) -> None:
+    """Seek back to read records again, on the partitions this consumer still owns."""
+    owned = consumer.assignment()
+    for tp, offset in offsets.items():
+        if tp in owned:
+            consumer.seek(tp, offset)
 
 
 async def wait_for_broker(bootstrap: str, timeout_s: float = 30.0) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from schemas import (
@@ -25,6 +27,7 @@ from schemas import (
     now_ms,
 )
 from schemas._base import NAME_PATTERN
+from schemas.cost import U32
 from shared.codec import encode
 from shared.topics import Topics, cost_key, reply_key
 
@@ -50,7 +53,7 @@ def cost_record(request: InferenceRequest, result: InferenceResult, *, cost_nano
     return CostRecord(
         request_id=request.id,
         attempt=attempt,
-        ts_ms=now_ms(),
+        ts_ms=request.created_at_ms,
         tenant=request.tenant,
         route=request.route,
         model=result.model or "",
@@ -61,9 +64,17 @@ def cost_record(request: InferenceRequest, result: InferenceResult, *, cost_nano
         tokens_out=result.tokens_out,
         cached_tokens=result.cached_tokens,
         cost_nano_usd=cost_nano_usd,
-        latency_ms=result.latency.total_ms,
-        ttft_ms=result.latency.ttft_ms,
+        latency_ms=min(result.latency.total_ms, U32),
+        ttft_ms=None if result.latency.ttft_ms is None else min(result.latency.ttft_ms, U32),
     )
+
+
+async def delivered(sending: Awaitable[list[asyncio.Future]]) -> None:
+    """Wait until the broker has every message queued by `sending`; raise the first failure.
+    The producer has already retried what was retriable."""
+    for outcome in await asyncio.gather(*await sending, return_exceptions=True):
+        if isinstance(outcome, Exception):
+            raise outcome
 
 
 class Outcomes:
@@ -73,15 +84,26 @@ class Outcomes:
         self._producer = producer
         self._topics = topics
 
-    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future:
-        return await self._producer.send(topic, value, key=key)
+    async def send(self, topic: str, value: bytes, key: bytes | None) -> asyncio.Future:
+        """Queue one message. Never raises: a send that fails at once (unknown topic, too large)
+        comes back as a failed future, like one the broker refuses later, so the caller
+        decides per message instead of losing its whole batch."""
+        try:
+            return await self._producer.send(topic, value, key=key)
+        except KafkaError as exc:
+            failed = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
 
     async def finish(self, request: InferenceRequest, result: InferenceResult, cost: CostRecord) -> list[asyncio.Future]:
         """Queue the result and its cost record; the returned futures resolve once the broker has both."""
         return [
-            await self._producer.send(self._topics.replies(request.reply_to), encode(result), key=reply_key(request.id)),
-            await self._producer.send(self._topics.costs, encode(cost), key=cost_key(request.id)),
+            await self.reply(request, result),
+            await self.send(self._topics.costs, encode(cost), cost_key(request.id)),
         ]
+
+    async def reply(self, request: InferenceRequest, result: InferenceResult) -> asyncio.Future:
+        return await self.send(self._topics.replies(request.reply_to), encode(result), reply_key(request.id))
 
     async def reject(self, request: InferenceRequest, status: Status, code: str, message: str,
                      **error) -> list[asyncio.Future]:
@@ -102,7 +124,7 @@ class Outcomes:
             payload_bytes=len(value),
         )
         log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
-        return [await self._producer.send(self._topics.dead_letter, encode(letter), key=record.key)]
+        return [await self.send(self._topics.dead_letter, encode(letter), record.key)]
 
     async def reply_error_to_sender(self, raw: object, code: str, message: str) -> list[asyncio.Future]:
         """Best effort for a message that failed validation: if it names an id and a reply
@@ -123,4 +145,4 @@ class Outcomes:
             cache_hit=CacheHit.none,
             error=ErrorInfo(code=code, message=message),
         )
-        return [await self._producer.send(self._topics.replies(reply_to), encode(result), key=reply_key(request_id))]
+        return [await self.send(self._topics.replies(reply_to), encode(result), reply_key(request_id))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +52,10 @@ class Settings:
         if not replication.isdigit() or int(replication) < 1:
             raise ConfigError(f"SWITCHYARD_REPLICATION_FACTOR must be a positive integer, got {replication!r}")
         dsn = get("SWITCHYARD_CLICKHOUSE_DSN")
-        if dsn and not dsn.startswith(("chdb://", "http://", "https://", "clickhouse://")):
-            raise ConfigError(f"SWITCHYARD_CLICKHOUSE_DSN must be chdb:///abs/path or http(s)://host:8123, got {dsn!r}")
+        # clickhouse-connect speaks HTTP and takes the port from the DSN, not from its scheme.
+        if dsn and not (dsn.startswith("chdb:///") or re.match(r"^https?://[^/]+:\d+(/.*)?$", dsn)):
+            raise ConfigError("SWITCHYARD_CLICKHOUSE_DSN must be chdb:///abs/path or http(s)://[user:password@]host:port, "
+                              f"got {dsn!r}")
         redis_url = get("SWITCHYARD_REDIS_URL")
         if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"SWITCHYARD_REDIS_URL must start with redis://, rediss:// or unix://, got {redis_url!r}")

@@ -65,9 +65,21 @@ def demo(settings: Settings, *, requests: int, concurrency: int) -> int:
         try:
             stack.wait(180)
         except subprocess.TimeoutExpired:
-            stack.kill()
+            _kill_tree(stack.pid)
     _report(settings, state, stats, run_start, time.monotonic() - started)
     return 0
+
+
+def _kill_tree(pid: int) -> None:
+    """The stack's children run in sessions of their own: kill them too, not only the supervisor."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        for proc in parent.children(recursive=True) + [parent]:
+            proc.kill()
+    except psutil.NoSuchProcess:
+        pass
 
 
 def _wait_for_stack(settings: Settings, stack: subprocess.Popen) -> dict:
@@ -141,10 +153,10 @@ def _report(settings: Settings, state: dict, stats: dict, since: datetime, elaps
                    sum(tokens_out) AS tokens_out, sum(cost_nano_usd) AS cost_nano_usd,
                    quantile(0.5)(latency_ms) AS p50_ms, quantile(0.95)(latency_ms) AS p95_ms
             FROM switchyard.cost_records FINAL
-            WHERE ts >= {since:DateTime64(3)} AND tenant != 'warmup'
+            WHERE ts >= {since:DateTime64(3, 'UTC')} AND tenant != 'warmup'
             GROUP BY tenant, route, model ORDER BY tenant, route, model
             """,
-            {"since": since.replace(tzinfo=None)},
+            {"since": since},
         )
     finally:
         store.close()
@@ -175,4 +187,6 @@ def _report(settings: Settings, state: dict, stats: dict, since: datetime, elaps
     print(f"  cost records   {state['clickhouse_dsn']}  (table switchyard.cost_records, view switchyard.cost_by_hour)")
     print(f"  models         {settings.models_dir}")
     print(f"  stack log      {settings.data_dir / 'logs' / 'demo-stack.log'}")
-    print(f"  topics         {state['topic_prefix']}.* on the embedded broker (memory only, gone with the stack)")
+    broker = "the embedded Tansu broker (memory only, gone with the stack)" if not settings.bootstrap \
+        else f"the Kafka cluster at {state['bootstrap']}"
+    print(f"  topics         {state['topic_prefix']}.* on {broker}")

@@ -12,19 +12,13 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from schemas import InferenceRequest, PolicySet, RoutedRequest, now_ms
-from shared.errors import EscalationNotAllowed, InputError, UnknownRoute
+from shared.errors import EscalationNotAllowed, InputError, InputTooLarge, UnknownRoute
 
 NANO_USD_PER_USD = 10**9
 # Without the model's tokenizer the router estimates: about 4 bytes of text per token, plus a
 # few tokens of chat template per message. The worker counts exactly and bills what it counts.
 BYTES_PER_TOKEN = 4
 TEMPLATE_TOKENS_PER_MESSAGE = 4
-
-
-class InputTooLarge(InputError):
-    """The request's input is over its route's max_input_tokens."""
-
-    code = "input_too_large"
 
 
 class NoCapableModel(InputError):

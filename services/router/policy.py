@@ -8,6 +8,7 @@ import yaml
 from pydantic import ValidationError
 
 from schemas import PolicySet
+from shared.codec import problems
 from shared.errors import PolicyError
 
 
@@ -21,11 +22,7 @@ def parse(text: str, source: str = "<policy>") -> PolicySet:
     try:
         return PolicySet.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"])
-            message = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: {where + ': ' if where else ''}{message}")
+        lines = [f"{source}: {problem}" for problem in problems(exc)]
         raise PolicyError("invalid policy, nothing applied:\n  " + "\n  ".join(lines)) from None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from dataclasses import dataclass
 
 import orjson
 from aiokafka.structs import ConsumerRecord
@@ -22,7 +23,7 @@ from services.router.seen import ForwardedLog, content_digest
 from shared import kafka
 from shared.codec import decode, encode
 from shared.errors import InputError, UndecodableMessage
-from shared.outcomes import Outcomes
+from shared.outcomes import Outcomes, error_result
 from shared.prefix import prefix_hash
 from shared.topics import Topics
 
@@ -73,82 +74,110 @@ class Router:
             if not records:
                 continue
             if await self._route_batch(records, outcomes):
-                await consumer.commit()
+                await kafka.commit(consumer)
                 retry_s = RETRY_MIN_S
             else:
                 # Read the batch again: what did reach the broker is in the forwarded log
                 # and is skipped as a redelivery; the rest is sent again.
-                for tp, recs in batch.items():
-                    consumer.seek(tp, recs[0].offset)
+                kafka.rewind(consumer, {tp: recs[0].offset for tp, recs in batch.items()})
                 await asyncio.sleep(retry_s)
                 retry_s = min(retry_s * 2, RETRY_MAX_S)
 
     async def _route_batch(self, records: list[ConsumerRecord], outcomes: Outcomes) -> bool:
-        """Route a batch; True once every outcome is on the broker, False if the batch must be read again."""
-        required: list[asyncio.Future] = []
+        """Route a batch; True once every record is answered or forwarded, False if it must be read again."""
+        answers: list[_Answer] = []
         best_effort: list[asyncio.Future] = []
-        decoded: list[tuple[InferenceRequest, str]] = []
+        decoded: list[tuple[ConsumerRecord, InferenceRequest, str]] = []
         for record in records:
             try:
-                decoded.append((decode(InferenceRequest, record.value), content_digest(record.value)))
+                decoded.append((record, decode(InferenceRequest, record.value), content_digest(record.value)))
             except UndecodableMessage as exc:
                 self.counts["dead_lettered"] += 1
-                required += await outcomes.dead_letter(record, exc.code, str(exc))
+                answers.append(_Answer(record, None, await outcomes.dead_letter(record, exc.code, str(exc))))
                 best_effort += await outcomes.reply_error_to_sender(_loads_or_none(record.value), exc.code, str(exc))
 
-        known = await self._forwarded.lookup([(r.tenant, r.id) for r, _ in decoded])
-        admitted: list[tuple[RoutedRequest, str]] = []
+        known = await self._forwarded.lookup([(r.tenant, r.id) for _, r, _ in decoded])
+        admitted: list[tuple[ConsumerRecord, RoutedRequest, str]] = []
         seen_in_batch: dict[tuple[str, str], str] = {}
-        for (request, digest), earlier in zip(decoded, known):
+        for (record, request, digest), earlier in zip(decoded, known):
             earlier = earlier or seen_in_batch.get((request.tenant, request.id))
             if earlier == digest:
                 self.counts["redelivered"] += 1
                 continue
-            seen_in_batch[(request.tenant, request.id)] = digest
+            entry = (request.tenant, request.id, digest)
             if earlier is not None:
-                required += await self._refuse(outcomes, request, "duplicate_request_id",
-                                               f"request id {request.id!r} was already used for a different request")
-            elif request.deadline_unix_ms is not None and now_ms() > request.deadline_unix_ms:
+                # Answered, never booked: a cost record would carry the first request's identity.
+                self.counts["rejected"] += 1
+                result = error_result(request, Status.rejected, "duplicate_request_id",
+                                      f"request id {request.id!r} was already used for a different request")
+                answers.append(_Answer(record, None, [await outcomes.reply(request, result)]))
+                continue
+            seen_in_batch[(request.tenant, request.id)] = digest
+            if request.deadline_unix_ms is not None and now_ms() > request.deadline_unix_ms:
                 self.counts["expired"] += 1
-                required += await outcomes.reject(request, Status.expired, "deadline_passed",
-                                                  "the request's deadline passed before it was routed")
-            else:
-                try:
-                    admitted.append((decide(request, self.policies), digest))
-                except InputError as exc:
-                    required += await self._refuse(outcomes, request, exc.code, str(exc))
+                answers.append(_Answer(record, entry, await outcomes.reject(
+                    request, Status.expired, "deadline_passed", "the request's deadline passed before it was routed")))
+                continue
+            try:
+                admitted.append((record, decide(request, self.policies), digest))
+            except InputError as exc:
+                self.counts["rejected"] += 1
+                answers.append(_Answer(record, entry, await outcomes.reject(request, Status.rejected, exc.code, str(exc))))
 
         verdicts = await self._limiter.check([
             (r.request.tenant, estimate_tokens(r.request) + r.request.sampling.max_tokens,
-             self.policies.limits_for(r.request.tenant)) for r, _ in admitted
+             self.policies.limits_for(r.request.tenant)) for _, r, _ in admitted
         ])
-        forwards: list[tuple[tuple[str, str, str], asyncio.Future]] = []
-        for (routed, digest), refusal in zip(admitted, verdicts):
+        for (record, routed, digest), refusal in zip(admitted, verdicts):
             request = routed.request
             if refusal is not None:
-                required += await self._refuse(outcomes, request, "rate_limited", refusal.message,
-                                               retriable=refusal.retriable, retry_after_ms=refusal.retry_after_ms)
+                # Not recorded as answered: the sender is told to retry, maybe with the same id.
+                self.counts["rejected"] += 1
+                answers.append(_Answer(record, None, await outcomes.reject(
+                    request, Status.rejected, "rate_limited", refusal.message, retriable=refusal.retriable,
+                    retry_after_ms=refusal.retry_after_ms)))
                 continue
             self.counts["routed"] += 1
             sent = await outcomes.send(self._topics.model(routed.model), encode(routed), prefix_hash(request).encode())
-            required.append(sent)
-            forwards.append(((request.tenant, request.id, digest), sent))
+            answers.append(_Answer(record, (request.tenant, request.id, digest), [sent]))
 
-        failures = [r for r in await asyncio.gather(*required, return_exceptions=True) if isinstance(r, Exception)]
+        return await self._settle(answers, best_effort, outcomes)
+
+    async def _settle(self, answers: list[_Answer], best_effort: list[asyncio.Future], outcomes: Outcomes) -> bool:
+        """Wait for the broker. A message it will never take (too large, topic missing) is dead-lettered
+        and the batch goes on; a retriable failure means the batch is read again."""
+        await asyncio.gather(*(f for a in answers for f in a.futures), return_exceptions=True)
         for failed in await asyncio.gather(*best_effort, return_exceptions=True):
             if isinstance(failed, Exception):
                 log.warning("could not send an error reply to a sender: %r", failed)
-        await self._forwarded.record([entry for entry, fut in forwards if not fut.exception()])
-        if failures:
-            log.warning("%d of %d sends failed (first: %r); reading the batch again", len(failures), len(required),
-                        failures[0])
+        done, retry, undeliverable = [], [], []
+        for answer in answers:
+            errors = [f.exception() for f in answer.futures if f.exception() is not None]
+            if not errors:
+                if answer.entry is not None:
+                    done.append(answer.entry)
+            elif any(getattr(e, "retriable", False) for e in errors):
+                retry.append(errors[0])
+            else:
+                undeliverable += await outcomes.dead_letter(answer.record, "undeliverable",
+                                                            f"the broker refused its answer: {errors[0]!r}")
+        await self._forwarded.record(done)
+        for failed in await asyncio.gather(*undeliverable, return_exceptions=True):
+            if isinstance(failed, Exception):
+                retry.append(failed)
+        if retry:
+            log.warning("%d sends failed (first: %r); reading the batch again", len(retry), retry[0])
             return False
         return True
 
-    async def _refuse(self, outcomes: Outcomes, request: InferenceRequest, code: str, message: str,
-                      **error) -> list[asyncio.Future]:
-        self.counts["rejected"] += 1
-        return await outcomes.reject(request, Status.rejected, code, message, **error)
+
+@dataclass
+class _Answer:
+    """What the router sent for one record, and what to note in the forwarded log once it is on the broker."""
+
+    record: ConsumerRecord
+    entry: tuple[str, str, str] | None
+    futures: list[asyncio.Future]
 
 
 def _loads_or_none(value: bytes | None):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.request import InferenceRequest
-from shared.errors import ConfigError, EngineError, InputError
+from shared.errors import ConfigError, EngineDead, EngineError, InputTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,6 @@ class Completion:
     tokens_out: int
     cached_tokens: int
     ttft_ms: int | None
-
-
-class PromptTooLong(InputError):
-    """The rendered prompt leaves no room for output within the model's context."""
-
-    code = "input_too_large"
 
 
 class Engine:
@@ -81,16 +75,19 @@ class Engine:
 
     def render(self, request: InferenceRequest) -> list[int]:
         """The prompt token ids: the chat template applied to messages, or the prompt encoded."""
-        if request.messages is not None:
-            ids = self._tokenizer.apply_chat_template(
-                [m.model_dump() for m in request.messages], add_generation_prompt=True, tokenize=True
-            )
-            # transformers 5 returns a BatchEncoding here; older versions a plain list.
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        else:
-            ids = self._tokenizer.encode(request.prompt)
+        try:
+            if request.messages is not None:
+                ids = self._tokenizer.apply_chat_template(
+                    [m.model_dump() for m in request.messages], add_generation_prompt=True, tokenize=True
+                )
+                # transformers 5 returns a BatchEncoding here; older versions a plain list.
+                ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            else:
+                ids = self._tokenizer.encode(request.prompt)
+        except Exception as exc:  # a template or tokenizer failing on this request's content
+            raise EngineError(f"could not render the prompt: {exc}") from exc
         if len(ids) >= self.config.max_model_len:
-            raise PromptTooLong(
+            raise InputTooLarge(
                 f"the prompt is {len(ids)} tokens; this model's context is {self.config.max_model_len}"
             )
         return ids
@@ -100,25 +97,28 @@ class Engine:
         """Run one request to its end; raises EngineError if the engine fails on it."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         sampling = request.sampling
-        params = SamplingParams(
-            max_tokens=min(max_tokens, self.config.max_model_len - len(prompt_ids)),
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            stop=sampling.stop or None,
-            seed=sampling.seed,
-            min_tokens=1,
-        )
         started = time.monotonic()
         ttft_ms = None
         final = None
         try:
+            params = SamplingParams(
+                max_tokens=min(max_tokens, self.config.max_model_len - len(prompt_ids)),
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                stop=sampling.stop or None,
+                seed=sampling.seed,
+                min_tokens=1,
+            )
             async for output in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
                 if ttft_ms is None and output.outputs and output.outputs[0].token_ids:
                     ttft_ms = int((time.monotonic() - started) * 1000)
                 final = output
-        except Exception as exc:  # vLLM raises its own types; translate at the boundary.
+        except EngineDeadError as exc:
+            raise EngineDead(f"the engine for {self.config.model_path.name} died: {exc}") from exc
+        except Exception as exc:  # vLLM raises its own types, and ValueError for bad parameters
             raise EngineError(f"engine failed on request {request_id}: {exc}") from exc
         if final is None or not final.outputs:
             raise EngineError(f"engine returned no output for request {request_id}")
@@ -131,9 +131,6 @@ class Engine:
             cached_tokens=final.num_cached_tokens or 0,
             ttft_ms=ttft_ms,
         )
-
-    async def abort(self, request_id: str) -> None:
-        await self._llm.abort(request_id)
 
     def shutdown(self) -> None:
         if self._llm is not None:

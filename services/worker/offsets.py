@@ -29,9 +29,6 @@ class OffsetTracker:
         """Per partition, the offset to commit: the lowest unfinished one, or one past the last taken."""
         return {tp: min(self._pending[tp]) if self._pending.get(tp) else nxt for tp, nxt in self._next.items()}
 
-    def in_flight(self) -> int:
-        return sum(len(p) for p in self._pending.values())
-
     def forget(self, partitions) -> None:
         """Drop partitions this consumer no longer owns (after a rebalance)."""
         for tp in partitions:

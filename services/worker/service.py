@@ -8,7 +8,7 @@ import logging
 import time
 
 from aiokafka import ConsumerRebalanceListener
-from aiokafka.structs import ConsumerRecord
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from schemas import InferenceResult, Latency, RoutedRequest, Status, now_ms
 from services.worker.engine import Engine
@@ -16,7 +16,7 @@ from services.worker.offsets import OffsetTracker
 from shared import kafka
 from shared.codec import decode
 from shared.errors import SwitchyardError, UndecodableMessage
-from shared.outcomes import Outcomes, cost_record, error_result
+from shared.outcomes import Outcomes, cost_record, delivered, error_result
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,13 @@ class Worker:
         self._commit_interval_s = commit_interval_s
         self._drain_grace_s = drain_grace_s
         self._offsets = OffsetTracker()
-        self._committed: dict = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._committed: dict[TopicPartition, int] = {}
+        self._tasks: dict[asyncio.Task, TopicPartition] = {}
         self._consumer = None
-        self.completed = 0
+        self._fatal: BaseException | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set (then drain) or the engine dies (then raise, committing nothing more)."""
         group = f"worker.{self.model}"
         async with kafka.consuming(self._bootstrap, [self._topics.model(self.model)], group_id=group,
                                    listener=_CommitOnRevoke(self)) as (consumer, producer):
@@ -48,59 +49,72 @@ class Worker:
             log.info("worker for model %s consuming %s (up to %d in flight)",
                      self.model, self._topics.model(self.model), self._max_in_flight)
             await self._consume(consumer, Outcomes(producer, self._topics), stop)
+        if self._fatal is not None:
+            raise self._fatal
 
     async def _consume(self, consumer, outcomes: Outcomes, stop: asyncio.Event) -> None:
         last_commit = time.monotonic()
-        while not stop.is_set():
+        while not stop.is_set() and self._fatal is None:
             free = self._max_in_flight - len(self._tasks)
+            # Full: pause every partition but keep polling, so the group still sees this
+            # consumer alive while Kafka, not this process, holds the backlog.
             if free <= 0:
-                # Full: stop fetching until a request finishes, so Kafka holds the backlog
-                # instead of this process.
-                await asyncio.wait(self._tasks, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
+                consumer.pause(*consumer.assignment())
             else:
-                batch = await consumer.getmany(timeout_ms=100, max_records=free)
-                for tp, records in batch.items():
-                    for record in records:
-                        self._offsets.start(tp, record.offset)
-                        task = asyncio.create_task(self._handle(record, outcomes))
-                        self._tasks.add(task)
-                        task.add_done_callback(lambda t, tp=tp, off=record.offset: self._done(t, tp, off))
+                consumer.resume(*consumer.paused())
+            batch = await consumer.getmany(timeout_ms=100, max_records=max(free, 1))
+            for tp, records in batch.items():
+                for record in records:
+                    self._offsets.start(tp, record.offset)
+                    task = asyncio.create_task(self._handle(record, outcomes))
+                    self._tasks[task] = tp
+                    task.add_done_callback(lambda t, off=record.offset: self._done(t, off))
             if time.monotonic() - last_commit >= self._commit_interval_s:
                 await self._commit()
                 last_commit = time.monotonic()
-        await self._drain()
+        if self._fatal is None:
+            await self._drain()
+        else:
+            for task in self._tasks:
+                task.cancel()
 
-    def _done(self, task: asyncio.Task, tp, offset: int) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is None:
+    def _done(self, task: asyncio.Task, offset: int) -> None:
+        tp = self._tasks.pop(task)
+        if task.cancelled():
+            return
+        if task.exception() is None:
             self._offsets.finish(tp, offset)
-            self.completed += 1
-        elif not task.cancelled():
-            # Left unfinished on purpose: its offset is not committed, so the request is
-            # redelivered after a restart instead of being lost.
-            log.error("request at %s@%d failed to publish: %r", tp, offset, task.exception())
+            return
+        # Its offset stays uncommitted, so Kafka redelivers the request once this worker
+        # is replaced; nothing more is committed from here on.
+        log.error("worker stopping: request at %s[%d]@%d could not finish: %r",
+                  tp.topic, tp.partition, offset, task.exception())
+        self._fatal = self._fatal or task.exception()
 
     async def _commit(self, partitions=None) -> None:
+        if self._fatal is not None:
+            return
         offsets = {tp: off for tp, off in self._offsets.committable().items()
                    if self._committed.get(tp) != off and (partitions is None or tp in partitions)}
-        if offsets:
-            await self._consumer.commit(offsets)
+        if offsets and await kafka.commit(self._consumer, offsets):
             self._committed.update(offsets)
 
-    async def _drain(self) -> None:
-        if self._tasks:
-            log.info("draining %d requests in flight (grace %.0f s)", len(self._tasks), self._drain_grace_s)
-            await asyncio.wait(self._tasks, timeout=self._drain_grace_s)
-        await self._commit()
+    async def _drain(self, partitions=None) -> None:
+        """Let the requests in flight (of `partitions`, or all) finish within the grace, then commit."""
+        tasks = [t for t, tp in self._tasks.items() if partitions is None or tp in partitions]
+        if tasks:
+            log.info("draining %d requests in flight (grace %.0f s)", len(tasks), self._drain_grace_s)
+            await asyncio.wait(tasks, timeout=self._drain_grace_s)
+        await self._commit(partitions)
 
     async def _handle(self, record: ConsumerRecord, outcomes: Outcomes) -> None:
         try:
             routed = decode(RoutedRequest, record.value)
         except UndecodableMessage as exc:
-            await asyncio.gather(*await outcomes.dead_letter(record, exc.code, str(exc)))
+            await delivered(outcomes.dead_letter(record, exc.code, str(exc)))
             return
         result, cost = await self._run(routed)
-        await asyncio.gather(*await outcomes.finish(routed.request, result, cost))
+        await delivered(outcomes.finish(routed.request, result, cost))
 
     async def _run(self, routed: RoutedRequest):
         request = routed.request
@@ -113,6 +127,8 @@ class Worker:
             prompt_ids = self._engine.render(request)
             done = await self._engine.complete(request.id, prompt_ids, request, request.sampling.max_tokens)
         except SwitchyardError as exc:
+            if exc.fatal:
+                raise
             status = Status.rejected if exc.caller_fault else Status.failed
             result = error_result(request, status, exc.code, str(exc), retriable=exc.retriable)
             result = result.model_copy(update={"model": self.model})
@@ -135,22 +151,22 @@ class Worker:
                 total_ms=max(0, finished_ms - request.created_at_ms),
             ),
             escalation_path=[self.model],
+            route_reasons=routed.reasons,
         )
         cost = routed.price.cost_nano_usd(done.tokens_in, done.tokens_out)
         return result, cost_record(request, result, cost_nano_usd=cost, attempt=routed.attempt)
 
 
 class _CommitOnRevoke(ConsumerRebalanceListener):
-    """Commits what is finished before partitions move to another worker."""
+    """Before partitions move to another worker, lets their requests finish and commits them, so the
+    new owner does not run them a second time."""
 
     def __init__(self, worker: Worker):
         self._worker = worker
 
     async def on_partitions_revoked(self, revoked) -> None:
-        try:
-            await self._worker._commit(set(revoked))
-        except Exception as exc:  # a failed commit here only means redelivery, never loss
-            log.warning("commit on revoke failed: %r", exc)
+        revoked = set(revoked)
+        await self._worker._drain(revoked)
         self._worker._offsets.forget(revoked)
         self._worker._committed = {tp: o for tp, o in self._worker._committed.items() if tp not in revoked}
 

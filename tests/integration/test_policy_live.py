@@ -28,7 +28,7 @@ async def test_apply_changes_a_running_router_within_5_s_and_show_prints_it(work
 
     changed = tmp_path / "changed.yaml"
     changed.write_text(POLICY.replace('version: "test-1"', 'version: "test-2"')
-                       + "  brand-new: {models: [small], max_output_tokens: 2}\n")
+                       .replace("routes:\n", "routes:\n  brand-new: {models: [small], max_output_tokens: 2}\n"))
     original = tmp_path / "original.yaml"
     original.write_text(POLICY)
     try:

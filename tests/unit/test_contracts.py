@@ -59,6 +59,16 @@ def test_names_that_reach_topic_names_are_restricted():
         chat_request(tenant="a" * 65)
 
 
+def test_values_the_engine_or_the_books_would_choke_on_are_refused_up_front():
+    with pytest.raises(ValueError, match="stop"):
+        chat_request(sampling={"stop": [""]})
+    with pytest.raises(ValueError, match="created_at_ms"):
+        chat_request(created_at_ms=1_700_000_000)  # seconds, not milliseconds
+    with pytest.raises(ValueError, match="latency_ms"):
+        CostRecord(request_id="r", ts_ms=1, tenant="a", route="r", model="m", priority="standard",
+                   status=Status.ok, tokens_in=1, tokens_out=1, cost_nano_usd=1, latency_ms=2**40)
+
+
 def test_not_json_is_an_undecodable_message():
     with pytest.raises(UndecodableMessage, match="not valid JSON"):
         decode(InferenceRequest, b"\xff{not json")

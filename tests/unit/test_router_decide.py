@@ -4,7 +4,8 @@ import pytest
 
 from schemas import InferenceRequest
 from services.router.policy import parse
-from services.router.decide import InputTooLarge, NoCapableModel, decide
+from services.router.decide import NoCapableModel, decide
+from shared.errors import InputTooLarge
 from shared.errors import EscalationNotAllowed, UnknownRoute
 
 POLICIES = parse("""

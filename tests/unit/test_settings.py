@@ -21,3 +21,14 @@ def test_defaults_leave_the_local_stack_to_start_what_is_missing(tmp_path):
 def test_a_bad_setting_is_named(name, value):
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize("dsn", ["chdb:///var/lib/x", "http://clickhouse:8123", "https://u:p@ch.internal:8443"])
+def test_clickhouse_dsns_that_clickhouse_connect_honours_are_accepted(dsn):
+    assert Settings.from_env({"SWITCHYARD_CLICKHOUSE_DSN": dsn}).dsn() == dsn
+
+
+@pytest.mark.parametrize("dsn", ["clickhouse://h:9000", "https://ch.internal", "chdb://relative/path"])
+def test_clickhouse_dsns_that_would_connect_somewhere_else_are_refused(dsn):
+    with pytest.raises(ConfigError, match="SWITCHYARD_CLICKHOUSE_DSN"):
+        Settings.from_env({"SWITCHYARD_CLICKHOUSE_DSN": dsn})
