@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Literal
 
@@ -78,8 +79,6 @@ class PolicySet(Message):
     @field_validator("models", "routes")
     @classmethod
     def _names(cls, named: dict) -> dict:
-        import re
-
         for name in named:
             if not re.match(NAME_PATTERN, name):
                 raise ValueError(f"{name!r} is not a valid name (letters, digits, '_', '.', '-'; at most 64)")

@@ -33,13 +33,14 @@ def estimate_tokens(request: InferenceRequest) -> int:
     return len(request.prompt.encode()) // BYTES_PER_TOKEN + 1
 
 
-def decide(request: InferenceRequest, policies: PolicySet, *, needs_tier: int = 0, reasons: Collection[str] = (),
-           unhealthy: Collection[str] = ()) -> RoutedRequest:
-    """The routed request, or an InputError saying why no model may serve it."""
+def decide(request: InferenceRequest, policies: PolicySet, *, tokens_in: int | None = None, needs_tier: int = 0,
+           reasons: Collection[str] = (), unhealthy: Collection[str] = ()) -> RoutedRequest:
+    """The routed request, or an InputError saying why no model may serve it.
+    `tokens_in` is the caller's estimate_tokens(request), when it has one already."""
     policy = policies.route_for(request.route)
     if policy is None:
         raise UnknownRoute(f"no policy for route {request.route!r} (routes: {', '.join(policies.routes)})")
-    tokens_in = estimate_tokens(request)
+    tokens_in = estimate_tokens(request) if tokens_in is None else tokens_in
     if policy.max_input_tokens is not None and tokens_in > policy.max_input_tokens:
         raise InputTooLarge(f"the input is about {tokens_in} tokens; route {request.route!r} takes at most "
                             f"{policy.max_input_tokens}")

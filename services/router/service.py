@@ -97,7 +97,7 @@ class Router:
                 best_effort += await outcomes.reply_error_to_sender(_loads_or_none(record.value), exc.code, str(exc))
 
         known = await self._forwarded.lookup([(r.tenant, r.id) for _, r, _ in decoded])
-        admitted: list[tuple[ConsumerRecord, RoutedRequest, str]] = []
+        admitted: list[tuple[ConsumerRecord, RoutedRequest, str, int]] = []
         seen_in_batch: dict[tuple[str, str], str] = {}
         for (record, request, digest), earlier in zip(decoded, known):
             earlier = earlier or seen_in_batch.get((request.tenant, request.id))
@@ -118,17 +118,18 @@ class Router:
                 answers.append(_Answer(record, entry, await outcomes.reject(
                     request, Status.expired, "deadline_passed", "the request's deadline passed before it was routed")))
                 continue
+            tokens_in = estimate_tokens(request)
             try:
-                admitted.append((record, decide(request, self.policies), digest))
+                admitted.append((record, decide(request, self.policies, tokens_in=tokens_in), digest, tokens_in))
             except InputError as exc:
                 self.counts["rejected"] += 1
                 answers.append(_Answer(record, entry, await outcomes.reject(request, Status.rejected, exc.code, str(exc))))
 
         verdicts = await self._limiter.check([
-            (r.request.tenant, estimate_tokens(r.request) + r.request.sampling.max_tokens,
-             self.policies.limits_for(r.request.tenant)) for _, r, _ in admitted
+            (r.request.tenant, tokens_in + r.request.sampling.max_tokens, self.policies.limits_for(r.request.tenant))
+            for _, r, _, tokens_in in admitted
         ])
-        for (record, routed, digest), refusal in zip(admitted, verdicts):
+        for (record, routed, digest, _), refusal in zip(admitted, verdicts):
             request = routed.request
             if refusal is not None:
                 # Not recorded as answered: the sender is told to retry, maybe with the same id.
