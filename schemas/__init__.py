@@ -2,10 +2,10 @@
 
 from schemas._base import SCHEMA_VERSION
 from schemas.cost import CostRecord
-from schemas.policy import ModelPrice, ModelSpec, PolicySet, RoutePolicy, TenantLimits
+from schemas.policy import CachePolicy, ModelPrice, ModelSpec, PolicySet, RoutePolicy, TenantLimits
 from schemas.request import ChatMessage, InferenceRequest, Priority, Sampling, new_request_id, now_ms
 from schemas.result import CacheHit, ErrorInfo, InferenceResult, Latency, Status
-from schemas.routed import DeadLetter, RoutedRequest
+from schemas.routed import DeadLetter, Memo, RoutedRequest
 
 # Each of these is exported as schemas/json/<Name>.schema.json for producers in other languages.
 EXPORTED = (InferenceRequest, InferenceResult, CostRecord, RoutePolicy, PolicySet, RoutedRequest, DeadLetter)
@@ -14,6 +14,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "EXPORTED",
     "CacheHit",
+    "CachePolicy",
     "ChatMessage",
     "CostRecord",
     "DeadLetter",
@@ -21,6 +22,7 @@ __all__ = [
     "InferenceRequest",
     "InferenceResult",
     "Latency",
+    "Memo",
     "ModelPrice",
     "ModelSpec",
     "PolicySet",

@@ -54,12 +54,25 @@ class TenantLimits(WireModel):
     tokens_per_minute: int | None = Field(default=None, ge=1)
 
 
+class CachePolicy(WireModel):
+    exact: bool = Field(default=False, description="Answer a request identical to an earlier one from its stored result.")
+    semantic: bool = Field(default=False, description="Answer a request whose conversation is close enough in meaning.")
+    semantic_threshold: float = Field(default=0.95, gt=0, le=1, description="Cosine similarity a semantic hit needs.")
+    shared: bool = Field(default=False, description="Share entries between tenants; off: each tenant has its own.")
+    ttl_s: int = Field(default=3600, ge=1, description="How long an entry answers.")
+    max_entries: int = Field(default=10_000, ge=1, description="Semantic entries per namespace; the oldest go first.")
+
+
 class RoutePolicy(WireModel):
     models: list[str] = Field(min_length=1, description="Models the route may use; the fallback chain, in this order.")
     max_input_tokens: int | None = Field(default=None, ge=1, description="Over it (estimated): rejected input_too_large.")
     max_output_tokens: int = Field(ge=1, description="A request's max_tokens is capped to this.")
     allow_escalation: bool = Field(default=False, description="Whether 'escalate: true' may send a request to the route's strongest tier.")
     max_cost_usd: Decimal | None = Field(default=None, gt=0, description="Cost ceiling per request: models whose worst case is dearer are skipped.")
+    cache: CachePolicy = Field(default_factory=CachePolicy, description="Off unless the route opts in.")
+    idempotency_window_s: int = Field(default=600, ge=0, le=7 * 86400, description=(
+        "A repeat (same idempotency_key, or same content from the same tenant) within this window gets the "
+        "first result instead of running again; 0 turns it off."))
 
 
 class PolicySet(Message):
@@ -68,6 +81,8 @@ class PolicySet(Message):
     version: str = Field(default="1", max_length=64)
     tiers: list[str] = Field(default_factory=lambda: ["small", "large", "frontier"], min_length=1,
                              description="Tiers from cheapest to strongest.")
+    hard_tier: str | None = Field(default=None, description=(
+        "The tier a request judged hard needs; by default the second cheapest tier."))
     unknown_route: Literal["reject"] | str = Field(
         default="reject", description="'reject', or the name of a route whose policy serves requests for unknown routes."
     )
@@ -94,6 +109,8 @@ class PolicySet(Message):
             for model in policy.models:
                 if model not in self.models:
                     problems.append(f"routes.{route}.models: unknown model {model!r} (known: {', '.join(self.models)})")
+        if self.hard_tier is not None and self.hard_tier not in self.tiers:
+            problems.append(f"hard_tier: {self.hard_tier!r} is not one of the tiers ({', '.join(self.tiers)})")
         if self.unknown_route != "reject" and self.unknown_route not in self.routes:
             problems.append(f"unknown_route: {self.unknown_route!r} is neither 'reject' nor a route")
         if problems:
@@ -102,6 +119,10 @@ class PolicySet(Message):
 
     def tier_rank(self, model: str) -> int:
         return self.tiers.index(self.models[model].tier)
+
+    @property
+    def hard_rank(self) -> int:
+        return self.tiers.index(self.hard_tier) if self.hard_tier else min(1, len(self.tiers) - 1)
 
     def limits_for(self, tenant: str) -> TenantLimits:
         return self.tenants.get(tenant, self.default_tenant_limits)

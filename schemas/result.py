@@ -20,6 +20,7 @@ class CacheHit(str, enum.Enum):
     none = "none"
     exact = "exact"
     semantic = "semantic"
+    idempotent = "idempotent"  # a repeat of a request already run: it got the first one's result
 
 
 class ErrorInfo(WireModel):
@@ -50,5 +51,7 @@ class InferenceResult(Message):
     latency: Latency = Field(default_factory=Latency)
     confidence: float | None = Field(default=None, ge=0.0, le=1.0)
     escalation_path: list[str] = Field(default_factory=list)
+    tier: str | None = Field(default=None, description="The tier the router judged the request to need.")
     route_reasons: list[str] = Field(default_factory=list, description="Why the router chose this model.")
+    replay_of: str | None = Field(default=None, description="For a cache hit or repeat: the request whose result this is.")
     error: ErrorInfo | None = None

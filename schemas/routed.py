@@ -4,9 +4,21 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from schemas._base import Message
+from schemas._base import Message, WireModel
 from schemas.policy import ModelPrice
 from schemas.request import InferenceRequest
+
+
+class Memo(WireModel):
+    """Where the worker records the result, so repeats and cache lookups find it."""
+
+    idempotency_key: str | None = Field(default=None, description="Redis key of the request's idempotency claim.")
+    window_s: int = Field(default=600, ge=1, description="How long the result answers repeats.")
+    exact_key: str | None = Field(default=None, description="Redis key of the exact cache entry, when the route caches.")
+    cache_ttl_s: int = Field(default=3600, ge=1)
+    semantic_max_entries: int = Field(default=10_000, ge=1)
+    semantic_namespace: str | None = Field(default=None, description="Semantic cache namespace, when the route caches.")
+    embedding: str | None = Field(default=None, description="The conversation's embedding: base64 of float16 values.")
 
 
 class RoutedRequest(Message):
@@ -19,7 +31,9 @@ class RoutedRequest(Message):
     received_at_ms: int = Field(ge=0, description="When the router took the request off its topic.")
     attempt: int = Field(default=0, ge=0)
     fallbacks: list[str] = Field(default_factory=list, description="Models to try next, in order, if this one cannot serve.")
+    tier: str | None = Field(default=None, description="The tier the router judged the request to need.")
     reasons: list[str] = Field(default_factory=list, description="Why this model; the worker copies them onto the result.")
+    memo: Memo | None = None
 
 
 class DeadLetter(Message):

@@ -50,6 +50,14 @@ def error_result(request: InferenceRequest, status: Status, code: str, message: 
 
 def cost_record(request: InferenceRequest, result: InferenceResult, *, cost_nano_usd: int = 0,
                 attempt: int = 0) -> CostRecord:
+    if result.cache_hit != CacheHit.none:
+        # Answered from memory: no model ran for this request, so it used no tokens.
+        return CostRecord(
+            request_id=request.id, attempt=attempt, ts_ms=request.created_at_ms, tenant=request.tenant,
+            route=request.route, model="", priority=request.priority.value, status=result.status,
+            cache_hit=result.cache_hit, tokens_in=0, tokens_out=0, cached_tokens=0, cost_nano_usd=0,
+            latency_ms=min(result.latency.total_ms, U32),
+        )
     return CostRecord(
         request_id=request.id,
         attempt=attempt,

@@ -25,6 +25,14 @@ class Settings:
     policy_file: Path = DEFAULT_POLICY
     topic_prefix: str = "switchyard"
     replication_factor: int = 1
+    classifier: Path | None = None
+    embeddings: bool = True
+    metrics_port: int | None = None
+
+    @property
+    def classifier_path(self) -> Path:
+        """The router's learned classifier: SWITCHYARD_CLASSIFIER, or the one `router train` writes by default."""
+        return self.classifier or self.data_dir / "classifier.json"
 
     @property
     def topics(self) -> Topics:
@@ -60,6 +68,12 @@ class Settings:
         if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"SWITCHYARD_REDIS_URL must start with redis://, rediss:// or unix://, got {redis_url!r}")
         policy = Path(get("SWITCHYARD_POLICY") or DEFAULT_POLICY)
+        embeddings = (get("SWITCHYARD_EMBEDDINGS") or "on").lower()
+        if embeddings not in ("on", "off"):
+            raise ConfigError(f"SWITCHYARD_EMBEDDINGS must be on or off, got {embeddings!r}")
+        metrics_port = get("SWITCHYARD_METRICS_PORT")
+        if metrics_port is not None and not (metrics_port.isdigit() and 0 < int(metrics_port) < 65536):
+            raise ConfigError(f"SWITCHYARD_METRICS_PORT must be a port number, got {metrics_port!r}")
         return cls(
             bootstrap=get("SWITCHYARD_BOOTSTRAP"),
             redis_url=redis_url,
@@ -68,4 +82,7 @@ class Settings:
             policy_file=policy,
             topic_prefix=get("SWITCHYARD_TOPIC_PREFIX") or "switchyard",
             replication_factor=int(replication),
+            classifier=Path(get("SWITCHYARD_CLASSIFIER")).resolve() if get("SWITCHYARD_CLASSIFIER") else None,
+            embeddings=embeddings == "on",
+            metrics_port=int(metrics_port) if metrics_port else None,
         )

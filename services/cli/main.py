@@ -18,7 +18,13 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the whole platform locally (broker, Redis, chDB, router, workers, sink)")
     up.add_argument("--models", help="comma-separated models to serve (default: every model in the policy)")
 
-    sub.add_parser("router", help="run a router (joins consumer group 'router')")
+    router = sub.add_parser("router", help="run a router (joins consumer group 'router'); `router train` fits its classifier")
+    router_sub = router.add_subparsers(dest="router_command")
+    train = router_sub.add_parser("train", help="fit the classifier from labeled prompts (JSON lines)")
+    train.add_argument("file", type=Path, nargs="?", help="labeled prompts (default: the bundled set)")
+    train.add_argument("--out", type=Path, help="where to write it (default: $SWITCHYARD_CLASSIFIER or .switchyard/classifier.json)")
+    train.add_argument("--target-recall", type=float, default=0.97, help="share of hard prompts to send to the hard tier")
+    train.add_argument("--eval", type=Path, help="a second labeled file to report on (default with the bundled set: its eval file)")
     worker = sub.add_parser("worker", help="run a vLLM worker for one model (joins group 'worker.<model>')")
     worker.add_argument("--model", required=True)
     worker.add_argument("--model-path", type=Path, help="weights folder (default: <data dir>/models/<model>)")
@@ -60,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
 
             log.setup("stack")
             return up(settings, args.models.split(",") if args.models else None)
+        if args.command == "router" and args.router_command == "train":
+            from services.router import train
+
+            path = args.file or train.BUNDLED
+            evaluate = args.eval or (train.BUNDLED_EVAL if args.file is None else None)
+            return train.main(path, args.out or settings.classifier_path, args.target_recall, evaluate)
         if args.command == "router":
             from services.router.main import serve
 

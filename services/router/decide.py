@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from schemas import InferenceRequest, PolicySet, RoutedRequest, now_ms
+from schemas import InferenceRequest, PolicySet, RoutedRequest, RoutePolicy, now_ms
 from shared.errors import EscalationNotAllowed, InputError, InputTooLarge, UnknownRoute
 
 NANO_USD_PER_USD = 10**9
@@ -33,24 +33,42 @@ def estimate_tokens(request: InferenceRequest) -> int:
     return len(request.prompt.encode()) // BYTES_PER_TOKEN + 1
 
 
-def decide(request: InferenceRequest, policies: PolicySet, *, tokens_in: int | None = None, needs_tier: int = 0,
-           reasons: Collection[str] = (), unhealthy: Collection[str] = ()) -> RoutedRequest:
-    """The routed request, or an InputError saying why no model may serve it.
-    `tokens_in` is the caller's estimate_tokens(request), when it has one already."""
+def admit(request: InferenceRequest, policies: PolicySet, tokens_in: int) -> RoutePolicy:
+    """The policy that serves the request, or an InputError: unknown route, input too large,
+    escalation the route does not allow."""
     policy = policies.route_for(request.route)
     if policy is None:
         raise UnknownRoute(f"no policy for route {request.route!r} (routes: {', '.join(policies.routes)})")
-    tokens_in = estimate_tokens(request) if tokens_in is None else tokens_in
     if policy.max_input_tokens is not None and tokens_in > policy.max_input_tokens:
         raise InputTooLarge(f"the input is about {tokens_in} tokens; route {request.route!r} takes at most "
                             f"{policy.max_input_tokens}")
+    if request.escalate and not policy.allow_escalation:
+        raise EscalationNotAllowed(f"route {request.route!r} does not allow 'escalate: true'")
+    return policy
+
+
+def tiers_of(policy: RoutePolicy, policies: PolicySet) -> set[int]:
+    return {policies.tier_rank(m) for m in policy.models}
+
+
+def decide(request: InferenceRequest, policies: PolicySet, *, tokens_in: int | None = None, hard: bool = False,
+           reasons: Collection[str] = (), unhealthy: Collection[str] = ()) -> RoutedRequest:
+    """The routed request, or an InputError saying why no model may serve it. `hard`: the
+    classifier judged it to need the policy's hard tier (or the route's strongest, if lower).
+    `tokens_in` is the caller's estimate_tokens(request), when it has one already."""
+    tokens_in = estimate_tokens(request) if tokens_in is None else tokens_in
+    policy = admit(request, policies, tokens_in)
     max_tokens = min(request.sampling.max_tokens, policy.max_output_tokens)
     why = list(reasons)
+    strongest = max(tiers_of(policy, policies))
+    needs_tier = 0
     if request.escalate:
-        if not policy.allow_escalation:
-            raise EscalationNotAllowed(f"route {request.route!r} does not allow 'escalate: true'")
-        needs_tier = max(policies.tier_rank(m) for m in policy.models)
+        needs_tier = strongest
         why.append("escalate requested")
+    elif hard:
+        needs_tier = min(policies.hard_rank, strongest)
+        if needs_tier < policies.hard_rank:
+            why.append(f"judged hard; the route's strongest tier is {policies.tiers[needs_tier]}")
     ceilings = [c for c in (policy.max_cost_usd and int(policy.max_cost_usd * NANO_USD_PER_USD),
                             request.max_cost_nano_usd) if c is not None]
     ceiling = min(ceilings) if ceilings else None
@@ -83,6 +101,7 @@ def decide(request: InferenceRequest, policies: PolicySet, *, tokens_in: int | N
     return RoutedRequest(
         request=request,
         model=chosen,
+        tier=policies.models[chosen].tier,
         price=policies.models[chosen].price,
         policy_version=policies.version,
         received_at_ms=now_ms(),

@@ -7,6 +7,10 @@ import logging
 
 from redis.asyncio import Redis
 
+from prometheus_client import start_http_server
+
+from services.router.classify import Classifier, Model
+from services.router.embed import Embedder
 from services.router.feed import PolicyFeed
 from services.router.policy import load
 from services.router.limits import TenantLimiter
@@ -14,6 +18,8 @@ from services.router.seen import ForwardedLog
 from services.router.service import Router
 from shared.errors import ConfigError
 from shared.kafka import wait_for_broker
+from shared.memory import Memory
+from shared.semantic import SemanticIndex
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,10 +36,36 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         log.warning("no policy applied to %s yet; using %s (apply one with `switchyard policy apply FILE`)",
                     settings.topics.policies, settings.policy_file)
     redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    embedder, classifier = await load_judgement(settings)
+    semantic = SemanticIndex(redis) if embedder is not None else None
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port)
+        log.info("metrics on :%d/metrics", settings.metrics_port)
     try:
+        if semantic is not None:
+            await semantic.start()
         router = Router(bootstrap=settings.bootstrap, topics=settings.topics, policies=policies,
-                        forwarded=ForwardedLog(redis), limiter=TenantLimiter(redis), feed=feed)
+                        forwarded=ForwardedLog(redis), limiter=TenantLimiter(redis), feed=feed,
+                        classifier=classifier, embedder=embedder, memory=Memory(redis), semantic=semantic)
         await router.run(stop)
     finally:
+        if semantic is not None:
+            await semantic.stop()
         await feed.stop()
         await redis.aclose()
+
+
+async def load_judgement(settings: Settings) -> tuple[object | None, Classifier]:
+    """The embedder (for the classifier and the semantic cache) and the classifier, as configured."""
+    if not settings.embeddings:
+        log.info("embeddings off: rules decide alone and semantic caches are not served")
+        return None, Classifier(None)
+    embedder = await asyncio.to_thread(Embedder)
+    path = settings.classifier_path
+    if not path.exists():
+        log.warning("no classifier at %s: rules decide, the rest go to each route's cheapest tier "
+                    "(train one with `switchyard router train FILE.jsonl`)", path)
+        return embedder, Classifier(None)
+    model = Model.load(path)
+    log.info("classifier %s: threshold %.2f, trained on %s examples", path, model.threshold, model.meta.get("examples"))
+    return embedder, Classifier(model, embedder)

@@ -1,42 +1,56 @@
 """The router: applies each route's policy to incoming requests and forwards them to a model topic.
 
-Per batch: decode, refuse what is invalid, skip what was already forwarded, decide a model,
-forward keyed by prefix hash, wait for the broker's acknowledgement, record the forwarded
-ids, then commit. Committing last means a crash re-reads the batch rather than losing it.
+Per batch: decode, refuse what is invalid, skip what was already forwarded, judge how hard each
+request is (rules, then the learned classifier on the conversation's embedding), decide a model,
+check tenant limits, answer from the exact or semantic cache or from an earlier identical
+request where it can, forward the rest keyed by prefix hash, wait for the broker's
+acknowledgement, record the forwarded ids, then commit. Committing last means a crash re-reads
+the batch rather than losing it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import orjson
 from aiokafka.structs import ConsumerRecord
 
-from schemas import InferenceRequest, PolicySet, RoutedRequest, Status, now_ms
-from services.router.decide import decide, estimate_tokens
+from schemas import CacheHit, InferenceRequest, Memo, PolicySet, RoutedRequest, RoutePolicy, Status, now_ms
+from services.router import metrics
+from services.router.classify import HARD, Classifier, Verdict, rules
+from services.router.decide import admit, decide, estimate_tokens, tiers_of
+from services.router.embed import conversation_text
 from services.router.feed import PolicyFeed
 from services.router.limits import TenantLimiter
+from services.router.priority import PriorityGate
 from services.router.seen import ForwardedLog, content_digest
 from shared import kafka
 from shared.codec import decode, encode
 from shared.errors import InputError, UndecodableMessage
-from shared.outcomes import Outcomes, error_result
+from shared.memory import Memory, cache_namespace, content_hash, exact_key, idempotency_key, replay
+from shared.outcomes import Outcomes, cost_record, error_result
 from shared.prefix import prefix_hash
+from shared.semantic import SemanticIndex, pack
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 10.0
+MAX_REQUEST_BYTES = 1024 * 1024  # a request larger than this is dead-lettered unread
 
 
 class Router:
     def __init__(self, *, bootstrap: str, topics: Topics, policies: PolicySet, forwarded: ForwardedLog,
                  limiter: TenantLimiter, feed: PolicyFeed | None = None, group_id: str = "router",
-                 max_batch: int = 500):
+                 max_batch: int = 500, classifier: Classifier | None = None, embedder=None,
+                 memory: Memory | None = None, semantic: SemanticIndex | None = None,
+                 priority: PriorityGate | None = None):
         self._bootstrap = bootstrap
         self._limiter = limiter
         self._feed = feed
@@ -45,6 +59,13 @@ class Router:
         self._forwarded = forwarded
         self._group_id = group_id
         self._max_batch = max_batch
+        self._classifier = classifier or Classifier(None)
+        self._embedder = embedder if embedder is not None else self._classifier.embedder
+        self._memory = memory
+        self._semantic = semantic if self._embedder is not None else None
+        if semantic is not None and self._embedder is None:
+            log.warning("no embedder: routes with a semantic cache are served without it")
+        self._priority = priority if priority is not None else PriorityGate(topics)
         self.counts: Counter[str] = Counter()
 
     def apply_policy(self, policies: PolicySet) -> None:
@@ -70,10 +91,12 @@ class Router:
         retry_s = RETRY_MIN_S
         while not stop.is_set():
             batch = await consumer.getmany(timeout_ms=100, max_records=self._max_batch)
+            taken = time.perf_counter()
+            self._priority.after_fetch(consumer, batch)
             records = [r for recs in batch.values() for r in recs]
             if not records:
                 continue
-            if await self._route_batch(records, outcomes):
+            if await self._route_batch(records, outcomes, taken):
                 await kafka.commit(consumer)
                 retry_s = RETRY_MIN_S
             else:
@@ -83,21 +106,27 @@ class Router:
                 await asyncio.sleep(retry_s)
                 retry_s = min(retry_s * 2, RETRY_MAX_S)
 
-    async def _route_batch(self, records: list[ConsumerRecord], outcomes: Outcomes) -> bool:
+    async def _route_batch(self, records: list[ConsumerRecord], outcomes: Outcomes,
+                           taken: float | None = None) -> bool:
         """Route a batch; True once every record is answered or forwarded, False if it must be read again."""
+        taken = time.perf_counter() if taken is None else taken
         answers: list[_Answer] = []
         best_effort: list[asyncio.Future] = []
         decoded: list[tuple[ConsumerRecord, InferenceRequest, str]] = []
         for record in records:
             try:
+                if record.value is not None and len(record.value) > MAX_REQUEST_BYTES:
+                    raise _TooLarge(f"the message is {len(record.value)} bytes; requests may be at most "
+                                    f"{MAX_REQUEST_BYTES}")
                 decoded.append((record, decode(InferenceRequest, record.value), content_digest(record.value)))
             except UndecodableMessage as exc:
-                self.counts["dead_lettered"] += 1
+                self._count("", "dead_lettered")
                 answers.append(_Answer(record, None, await outcomes.dead_letter(record, exc.code, str(exc))))
-                best_effort += await outcomes.reply_error_to_sender(_loads_or_none(record.value), exc.code, str(exc))
+                raw = None if isinstance(exc, _TooLarge) else _loads_or_none(record.value)
+                best_effort += await outcomes.reply_error_to_sender(raw, exc.code, str(exc))
 
         known = await self._forwarded.lookup([(r.tenant, r.id) for _, r, _ in decoded])
-        admitted: list[tuple[ConsumerRecord, RoutedRequest, str, int]] = []
+        pending: list[_Pending] = []
         seen_in_batch: dict[tuple[str, str], str] = {}
         for (record, request, digest), earlier in zip(decoded, known):
             earlier = earlier or seen_in_batch.get((request.tenant, request.id))
@@ -107,42 +136,164 @@ class Router:
             entry = (request.tenant, request.id, digest)
             if earlier is not None:
                 # Answered, never booked: a cost record would carry the first request's identity.
-                self.counts["rejected"] += 1
+                self._count(request.route, "rejected")
                 result = error_result(request, Status.rejected, "duplicate_request_id",
                                       f"request id {request.id!r} was already used for a different request")
                 answers.append(_Answer(record, None, [await outcomes.reply(request, result)]))
                 continue
             seen_in_batch[(request.tenant, request.id)] = digest
             if request.deadline_unix_ms is not None and now_ms() > request.deadline_unix_ms:
-                self.counts["expired"] += 1
+                self._count(request.route, "expired")
                 answers.append(_Answer(record, entry, await outcomes.reject(
                     request, Status.expired, "deadline_passed", "the request's deadline passed before it was routed")))
                 continue
             tokens_in = estimate_tokens(request)
             try:
-                admitted.append((record, decide(request, self.policies, tokens_in=tokens_in), digest, tokens_in))
+                policy = admit(request, self.policies, tokens_in)
             except InputError as exc:
-                self.counts["rejected"] += 1
+                self._count(request.route, "rejected")
                 answers.append(_Answer(record, entry, await outcomes.reject(request, Status.rejected, exc.code, str(exc))))
+                continue
+            pending.append(_Pending(record, request, entry, tokens_in, policy))
+
+        await self._judge(pending)
+        admitted: list[_Pending] = []
+        for p in pending:
+            try:
+                p.routed = decide(p.request, self.policies, tokens_in=p.tokens_in,
+                                  hard=p.verdict is not None and p.verdict.label == HARD,
+                                  reasons=[p.verdict.reason] if p.verdict is not None else [])
+                admitted.append(p)
+            except InputError as exc:
+                self._count(p.request.route, "rejected")
+                answers.append(_Answer(p.record, p.entry, await outcomes.reject(
+                    p.request, Status.rejected, exc.code, str(exc))))
 
         verdicts = await self._limiter.check([
-            (r.request.tenant, tokens_in + r.request.sampling.max_tokens, self.policies.limits_for(r.request.tenant))
-            for _, r, _, tokens_in in admitted
+            (p.request.tenant, p.tokens_in + p.routed.request.sampling.max_tokens,
+             self.policies.limits_for(p.request.tenant))
+            for p in admitted
         ])
-        for (record, routed, digest, _), refusal in zip(admitted, verdicts):
-            request = routed.request
+        allowed: list[_Pending] = []
+        for p, refusal in zip(admitted, verdicts):
             if refusal is not None:
                 # Not recorded as answered: the sender is told to retry, maybe with the same id.
-                self.counts["rejected"] += 1
-                answers.append(_Answer(record, None, await outcomes.reject(
-                    request, Status.rejected, "rate_limited", refusal.message, retriable=refusal.retriable,
+                self._count(p.request.route, "rate_limited")
+                answers.append(_Answer(p.record, None, await outcomes.reject(
+                    p.request, Status.rejected, "rate_limited", refusal.message, retriable=refusal.retriable,
                     retry_after_ms=refusal.retry_after_ms)))
-                continue
-            self.counts["routed"] += 1
+            else:
+                allowed.append(p)
+
+        for p in await self._remembered(allowed, answers, outcomes):
+            request, routed = p.request, p.routed
+            self._count(request.route, "routed")
+            metrics.DECISIONS.labels(request.route, routed.tier or "", routed.model,
+                                     metrics.basis(routed.reasons[0])).inc()
             sent = await outcomes.send(self._topics.model(routed.model), encode(routed), prefix_hash(request).encode())
-            answers.append(_Answer(record, (request.tenant, request.id, digest), [sent]))
+            metrics.DECISION_SECONDS.observe(time.perf_counter() - taken)
+            answers.append(_Answer(p.record, p.entry, [sent]))
 
         return await self._settle(answers, best_effort, outcomes)
+
+    async def _judge(self, pending: list[_Pending]) -> None:
+        """Set each request's verdict (how hard it is) and, where needed, its conversation's embedding:
+        one embedding per request serves the classifier and the semantic cache."""
+        embed: list[_Pending] = []
+        for p in pending:
+            p.text = conversation_text(p.request)
+            # Only a route with more than one tier has anything to choose; escalation decides alone.
+            if not p.request.escalate and len(tiers_of(p.policy, self.policies)) > 1:
+                p.verdict = rules(p.request, p.text, p.tokens_in)
+            wants_class = p.verdict is not None and p.verdict.label is None and self._classifier.model is not None
+            wants_cache = self._semantic is not None and p.policy.cache.semantic
+            if wants_class or wants_cache:
+                embed.append(p)
+        if embed:
+            started = time.perf_counter()
+            vectors = await asyncio.to_thread(self._embedder.embed, [p.text for p in embed])
+            metrics.EMBED_SECONDS.observe(time.perf_counter() - started)
+            for p, vector in zip(embed, vectors):
+                p.vector = vector
+        undecided = [p for p in pending if p.verdict is not None and p.verdict.label is None]
+        if undecided:
+            vectors = None
+            if self._classifier.model is not None:
+                vectors = np.stack([p.vector for p in undecided])
+            for p, verdict in zip(undecided, self._classifier.classify(
+                    [(p.request, p.text, p.tokens_in) for p in undecided], vectors)):
+                p.verdict = verdict
+
+    async def _remembered(self, allowed: list[_Pending], answers: list[_Answer], outcomes: Outcomes) -> list[_Pending]:
+        """Answer what the exact cache, the semantic cache or an earlier identical request can answer;
+        claim the rest (so later repeats wait for them) and return it, to be forwarded."""
+        if self._memory is None:
+            return allowed
+        rest = []
+        exact = [p for p in allowed if p.policy.cache.exact]
+        for p in exact:
+            p.exact_key = exact_key(cache_namespace(p.request, p.policy), content_hash(p.request))
+        hits = dict(zip(map(id, exact), await self._memory.exact([p.exact_key for p in exact])))
+        for p in allowed:
+            hit, kind = hits.get(id(p)), CacheHit.exact
+            if p.policy.cache.exact:
+                metrics.CACHE.labels(p.request.route, "exact", "hit" if hit else "miss").inc()
+            if hit is None and p.vector is not None and p.policy.cache.semantic:
+                found = self._semantic.lookup(cache_namespace(p.request, p.policy), p.vector,
+                                              p.policy.cache.semantic_threshold)
+                metrics.CACHE.labels(p.request.route, "semantic", "hit" if found else "miss").inc()
+                if found is not None:
+                    hit, kind = found[0], CacheHit.semantic
+            if hit is not None:
+                self._count(p.request.route, f"cache_{kind.value}")
+                answers.append(_Answer(p.record, p.entry, await self._answer(outcomes, p.request, hit, kind)))
+            else:
+                rest.append(p)
+
+        claimable = [p for p in rest if p.policy.idempotency_window_s > 0]
+        claims = await self._memory.claim([(p.request, p.policy.idempotency_window_s) for p in claimable])
+        claimed = {id(p): c for p, c in zip(claimable, claims)}
+        forward = []
+        for p in rest:
+            claim = claimed.get(id(p))
+            if claim is not None and claim.state == "done":
+                self._count(p.request.route, "repeat_answered")
+                metrics.CACHE.labels(p.request.route, "idempotency", "hit").inc()
+                answers.append(_Answer(p.record, p.entry, await self._answer(
+                    outcomes, p.request, claim.first, CacheHit.idempotent)))
+            elif claim is not None and claim.state == "waiting":
+                # The worker running the first one answers this one too when it finishes.
+                self._count(p.request.route, "repeat_waiting")
+                metrics.CACHE.labels(p.request.route, "idempotency", "wait").inc()
+                answers.append(_Answer(p.record, p.entry, []))
+            else:
+                p.routed = p.routed.model_copy(update={"memo": self._memo(p, claim is not None)})
+                forward.append(p)
+        return forward
+
+    @staticmethod
+    async def _answer(outcomes: Outcomes, request: InferenceRequest, first, kind: CacheHit) -> list[asyncio.Future]:
+        result = replay(first, request, kind)
+        return await outcomes.finish(request, result, cost_record(request, result))
+
+    def _memo(self, p: _Pending, claimed: bool) -> Memo | None:
+        cache = p.policy.cache
+        semantic = p.vector is not None and cache.semantic
+        if not (claimed or p.exact_key or semantic):
+            return None
+        return Memo(
+            idempotency_key=idempotency_key(p.request) if claimed else None,
+            window_s=max(1, p.policy.idempotency_window_s),
+            exact_key=p.exact_key,
+            cache_ttl_s=cache.ttl_s,
+            semantic_namespace=cache_namespace(p.request, p.policy) if semantic else None,
+            semantic_max_entries=cache.max_entries,
+            embedding=pack(p.vector) if semantic else None,
+        )
+
+    def _count(self, route: str, outcome: str) -> None:
+        self.counts[outcome] += 1
+        metrics.REQUESTS.labels(route, outcome).inc()
 
     async def _settle(self, answers: list[_Answer], best_effort: list[asyncio.Future], outcomes: Outcomes) -> bool:
         """Wait for the broker. A message it will never take (too large, topic missing) is dead-lettered
@@ -160,6 +311,7 @@ class Router:
             elif any(getattr(e, "retriable", False) for e in errors):
                 retry.append(errors[0])
             else:
+                self.counts["undeliverable"] += 1
                 undeliverable += await outcomes.dead_letter(answer.record, "undeliverable",
                                                             f"the broker refused its answer: {errors[0]!r}")
         await self._forwarded.record(done)
@@ -170,6 +322,27 @@ class Router:
             log.warning("%d sends failed (first: %r); reading the batch again", len(retry), retry[0])
             return False
         return True
+
+
+
+@dataclass
+class _Pending:
+    """A request on its way through the batch: what the router has learned of it so far."""
+
+    record: ConsumerRecord
+    request: InferenceRequest
+    entry: tuple[str, str, str]
+    tokens_in: int
+    policy: RoutePolicy
+    text: str = ""
+    verdict: Verdict | None = None
+    vector: np.ndarray | None = None
+    routed: RoutedRequest | None = None
+    exact_key: str | None = None
+
+
+class _TooLarge(UndecodableMessage):
+    code = "message_too_large"
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from redis.asyncio import Redis
+
 from services.router.policy import load
 from services.worker.engine import Engine, EngineConfig
 from services.worker.service import Worker
@@ -25,9 +27,13 @@ async def serve(settings: Settings, stop: asyncio.Event, *, model: str, model_pa
     path = model_path or settings.models_dir / model
     engine = Engine.start(EngineConfig(model_path=path, max_model_len=policies.models[model].max_context_tokens,
                                        max_num_seqs=max_in_flight))
+    # Redis holds results for repeats and caches; without it the worker still serves.
+    redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2) if settings.redis_url else None
     try:
         worker = Worker(model=model, engine=engine, bootstrap=settings.bootstrap, topics=settings.topics,
-                        max_in_flight=max_in_flight)
+                        max_in_flight=max_in_flight, redis=redis)
         await worker.run(stop)
     finally:
         engine.shutdown()
+        if redis is not None:
+            await redis.aclose()

@@ -10,11 +10,16 @@ import time
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from schemas import InferenceResult, Latency, RoutedRequest, Status, now_ms
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from schemas import CacheHit, InferenceResult, Latency, RoutedRequest, Status, now_ms
 from services.worker.engine import Engine
 from services.worker.offsets import OffsetTracker
 from shared import kafka
-from shared.codec import decode
+from shared import semantic
+from shared.codec import decode, encode
+from shared.memory import Memory, replay
 from shared.errors import SwitchyardError, UndecodableMessage
 from shared.outcomes import Outcomes, cost_record, delivered, error_result
 from shared.topics import Topics
@@ -26,8 +31,11 @@ class Worker:
     """One consumer in group `worker.<model>`, driving one engine."""
 
     def __init__(self, *, model: str, engine: Engine, bootstrap: str, topics: Topics,
-                 max_in_flight: int = 64, commit_interval_s: float = 0.5, drain_grace_s: float = 30.0):
+                 max_in_flight: int = 64, commit_interval_s: float = 0.5, drain_grace_s: float = 30.0,
+                 redis: Redis | None = None):
         self.model = model
+        self._redis = redis
+        self._memory = Memory(redis) if redis is not None else None
         self._engine = engine
         self._bootstrap = bootstrap
         self._topics = topics
@@ -115,6 +123,23 @@ class Worker:
             return
         result, cost = await self._run(routed)
         await delivered(outcomes.finish(routed.request, result, cost))
+        if routed.memo is not None and self._memory is not None:
+            await self._remember(routed, result, outcomes)
+
+    async def _remember(self, routed: RoutedRequest, result: InferenceResult, outcomes: Outcomes) -> None:
+        """Store the result for repeats and caches, and answer the repeats that waited for it."""
+        memo = routed.memo
+        waiters = await self._memory.complete(routed, result)
+        if result.status == Status.ok and memo.semantic_namespace and memo.embedding:
+            try:
+                await semantic.publish(self._redis, memo.semantic_namespace, memo.embedding, encode(result),
+                                       memo.cache_ttl_s, memo.semantic_max_entries)
+            except RedisError as exc:
+                log.warning("could not offer %s to the semantic cache: %s", routed.request.id, exc)
+        for waiter in waiters:
+            answer = replay(result, waiter, CacheHit.idempotent)
+            await delivered(outcomes.finish(waiter, answer, cost_record(waiter, answer)))
+        await self._memory.answered(routed, len(waiters))
 
     async def _run(self, routed: RoutedRequest):
         request = routed.request
@@ -151,6 +176,7 @@ class Worker:
                 total_ms=max(0, finished_ms - request.created_at_ms),
             ),
             escalation_path=[self.model],
+            tier=routed.tier,
             route_reasons=routed.reasons,
         )
         cost = routed.price.cost_nano_usd(done.tokens_in, done.tokens_out)

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from services.router import train
+from services.router.classify import Classifier, Model
+from services.router.embed import Embedder
 from services.router.feed import PolicyFeed
 from services.router.policy import load
 from services.router.limits import TenantLimiter
@@ -26,6 +29,8 @@ from services.stack import infra
 from services.worker import tiny_model
 from shared.client import Client
 from shared.kafka import ensure_topics
+from shared.memory import Memory
+from shared.semantic import SemanticIndex
 from shared.topics import Topics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,9 +41,14 @@ version: "test-1"
 unknown_route: reject
 models:
   small: {tier: small, price_in_usd_per_mtok: 0.15, price_out_usd_per_mtok: 0.60, max_context_tokens: 1024}
+  # No worker serves "large": tests read what the router forwards to it off its topic.
+  large: {tier: large, price_in_usd_per_mtok: 2.50, price_out_usd_per_mtok: 10.00, max_context_tokens: 1024}
 routes:
   chat: {models: [small], max_output_tokens: 16}
   short: {models: [small], max_output_tokens: 4}
+  tiered: {models: [small, large], max_output_tokens: 8}
+  cached: {models: [small], max_output_tokens: 8, cache: {exact: true, semantic: true, semantic_threshold: 0.9}}
+  shared-cache: {models: [small], max_output_tokens: 8, cache: {exact: true, shared: true}}
 tenants:
   limited: {requests_per_minute: 2}
 """
@@ -89,10 +99,10 @@ def model_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def worker(broker, topics, policy_file, model_path):
+def worker(broker, redis_url, topics, policy_file, model_path):
     """One worker process with the real vLLM engine, shared by every test (it takes ~1 min to start)."""
-    asyncio.run(ensure_topics(broker, topics.plan(["small"])))
-    env = dict(os.environ, SWITCHYARD_BOOTSTRAP=broker, SWITCHYARD_POLICY=str(policy_file),
+    asyncio.run(ensure_topics(broker, topics.plan(["small", "large"])))
+    env = dict(os.environ, SWITCHYARD_BOOTSTRAP=broker, SWITCHYARD_POLICY=str(policy_file), SWITCHYARD_REDIS_URL=redis_url,
                SWITCHYARD_TOPIC_PREFIX=topics.prefix, PYTHONUNBUFFERED="1", VLLM_LOGGING_LEVEL="WARNING")
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "worker", "--model", "small", "--model-path", str(model_path)],
@@ -119,19 +129,39 @@ def worker(broker, topics, policy_file, model_path):
         proc.kill()
 
 
+@pytest.fixture(scope="session")
+def embedder():
+    """The real all-MiniLM-L6-v2 embedder, loaded once (a few seconds)."""
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def classifier_path(tmp_path_factory, embedder) -> Path:
+    """A classifier fitted from the bundled labeled prompts, as `switchyard router train` does."""
+    path = tmp_path_factory.mktemp("classifier") / "classifier.json"
+    train.fit_file(train.BUNDLED, path, embedder=embedder)
+    return path
+
+
 @pytest.fixture
-async def router(broker, redis_url, topics, policies):
-    """A router as `switchyard router` runs one: the policy in force on the topic, else the file's."""
-    await ensure_topics(broker, topics.plan(["small"]))
+async def router(broker, redis_url, topics, policies, embedder, classifier_path):
+    """A router as `switchyard router` runs one: the policy in force on the topic, else the file's;
+    the trained classifier, the caches and idempotency in Redis."""
+    await ensure_topics(broker, topics.plan(["small", "large"]))
     redis = Redis.from_url(redis_url)
     feed = PolicyFeed(broker, topics)
+    semantic = SemanticIndex(redis)
+    await semantic.start()
     router = Router(bootstrap=broker, topics=topics, policies=await feed.start() or policies,
-                    forwarded=ForwardedLog(redis), limiter=TenantLimiter(redis), feed=feed)
+                    forwarded=ForwardedLog(redis), limiter=TenantLimiter(redis), feed=feed,
+                    classifier=Classifier(Model.load(classifier_path), embedder), embedder=embedder,
+                    memory=Memory(redis), semantic=semantic)
     stop = asyncio.Event()
     task = asyncio.create_task(router.run(stop))
     yield router
     stop.set()
     await task
+    await semantic.stop()
     await feed.stop()
     await redis.aclose()
 

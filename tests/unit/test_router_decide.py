@@ -68,9 +68,40 @@ def test_the_cheapest_capable_model_wins_and_the_rest_are_the_fallback_chain_che
 
 
 def test_a_harder_request_skips_lower_tiers():
-    routed = decide(req(), RICH, needs_tier=1, reasons=["classifier: hard"])
-    assert routed.model == "large" and routed.fallbacks == []
+    routed = decide(req(), RICH, hard=True, reasons=["classifier: hard"])
+    assert routed.model == "large" and routed.fallbacks == [] and routed.tier == "large"
     assert routed.reasons[0] == "classifier: hard"
+
+
+def test_a_hard_request_on_a_route_without_the_hard_tier_gets_the_routes_strongest_and_says_so():
+    only_small = parse("""
+models:
+  small: {tier: small, price_in_usd_per_mtok: 0.15, price_out_usd_per_mtok: 0.6}
+  large: {tier: large, price_in_usd_per_mtok: 2.5, price_out_usd_per_mtok: 10}
+routes:
+  cheap: {models: [small], max_output_tokens: 8}
+""")
+    routed = decide(req(route="cheap"), only_small, hard=True)
+    assert routed.model == "small" and routed.tier == "small"
+    assert "the route's strongest tier is small" in routed.reasons[0]
+
+
+def test_the_hard_tier_is_configurable_and_must_be_a_tier():
+    three = """
+tiers: [small, large, frontier]
+hard_tier: %s
+models:
+  small: {tier: small, price_in_usd_per_mtok: 0.15, price_out_usd_per_mtok: 0.6}
+  large: {tier: large, price_in_usd_per_mtok: 2.5, price_out_usd_per_mtok: 10}
+  top: {tier: frontier, price_in_usd_per_mtok: 15, price_out_usd_per_mtok: 75}
+routes:
+  all: {models: [small, large, top], max_output_tokens: 8, allow_escalation: true}
+"""
+    assert decide(req(route="all"), parse(three % "large"), hard=True).model == "large"
+    assert decide(req(route="all"), parse(three % "frontier"), hard=True).model == "top"
+    assert decide(req(route="all", escalate=True), parse(three % "large")).model == "top"
+    with pytest.raises(Exception, match="hard_tier"):
+        parse(three % "huge")
 
 
 def test_capabilities_decide_which_models_can_serve():

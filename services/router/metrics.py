@@ -1,0 +1,27 @@
+"""The router's Prometheus metrics. Labels stay low-cardinality: route, tier, model, outcome and
+the basis of a decision (which rule, the classifier, escalation), never tenant or request."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+REQUESTS = Counter("switchyard_router_requests_total", "Requests the router took, by how they ended there.",
+                   ["route", "outcome"])
+DECISIONS = Counter("switchyard_router_decisions_total", "Routing decisions, by chosen tier and model and why.",
+                    ["route", "tier", "model", "basis"])
+CACHE = Counter("switchyard_router_cache_total", "Cache and repeat lookups, by kind and result.",
+                ["route", "kind", "result"])
+DECISION_SECONDS = Histogram(
+    "switchyard_router_decision_seconds", "From taking a request off its topic to handing it to the producer.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+EMBED_SECONDS = Histogram("switchyard_router_embed_seconds", "Embedding one batch of conversations.",
+                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+
+
+def basis(reason: str) -> str:
+    """'rule: code' -> 'rule:code'; 'classifier: p(hard)=0.91 ...' -> 'classifier'."""
+    head, _, rest = reason.partition(":")
+    if head == "rule":
+        return "rule:" + rest.strip().split(" (")[0].replace(" ", "_")[:40]
+    return head.replace(" ", "_")[:40]

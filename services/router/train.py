@@ -1,0 +1,74 @@
+"""`switchyard router train FILE.jsonl`: fit the router's classifier from labeled prompts.
+
+Each line is {"prompt": ...} or {"messages": [...]}, with "label": "simple" or "hard" (or a
+tier name). The model learns from every example the rules leave undecided, since those are
+the only ones it will ever see; its threshold is set from cross-validated scores to reach the
+target recall of hard requests. With --eval, a second labeled file reports how the rules and
+the model together do on prompts they were not fitted on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from services.router.classify import HARD, Classifier, Model, read_labeled, rules, train
+from services.router.decide import estimate_tokens
+from services.router.embed import Embedder, conversation_text
+from shared.errors import ConfigError
+
+BUNDLED = Path(__file__).resolve().parent / "data" / "labeled_train.jsonl"
+BUNDLED_EVAL = Path(__file__).resolve().parent / "data" / "labeled_eval.jsonl"
+
+
+def fit_file(path: Path, out: Path, *, target_recall: float = 0.97, eval_path: Path | None = None,
+             embedder: Embedder | None = None) -> dict:
+    try:
+        examples = read_labeled(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    embedder = embedder or Embedder()
+    undecided = [(r, label) for r, label in examples
+                 if rules(r, conversation_text(r), estimate_tokens(r)).label is None]
+    labels = np.array([label == HARD for _, label in undecided], dtype=np.int64)
+    if labels.sum() == 0 or labels.sum() == len(labels):
+        raise ConfigError(f"{path}: the examples the rules leave undecided need both labels "
+                          f"(have {int(labels.sum())} hard of {len(labels)})")
+    vectors = embedder.embed([conversation_text(r) for r, _ in undecided])
+    model = train(vectors, labels, target_recall=target_recall)
+    model.meta["source"] = str(path)
+    model.meta["decided_by_rules"] = len(examples) - len(undecided)
+    report = {"examples": len(examples), "decided_by_rules": len(examples) - len(undecided),
+              "fitted_on": len(undecided), "threshold": round(model.threshold, 4), **model.meta["cross_validated"]}
+    if eval_path is not None:
+        report["eval"] = evaluate(Classifier(model, embedder), eval_path)
+        model.meta["eval"] = report["eval"]
+    model.save(out)
+    return report
+
+
+def evaluate(classifier: Classifier, path: Path) -> dict:
+    """How the classifier (rules and model) labels a held-out file."""
+    examples = read_labeled(path)
+    verdicts = classifier.classify([(r, conversation_text(r), estimate_tokens(r)) for r, _ in examples])
+    truth = np.array([label == HARD for _, label in examples])
+    said = np.array([v.label == HARD for v in verdicts])
+    by_rules = np.array([v.reason.startswith("rule") for v in verdicts])
+    return {
+        "examples": len(examples),
+        "hard": int(truth.sum()),
+        "hard_recall": round(float((said & truth).sum() / max(truth.sum(), 1)), 4),
+        "simple_kept_small": round(float((~said & ~truth).sum() / max((~truth).sum(), 1)), 4),
+        "accuracy": round(float((said == truth).mean()), 4),
+        "decided_by_rules": int(by_rules.sum()),
+        "rule_precision": round(float((said & truth & by_rules).sum() / max((said & by_rules).sum(), 1)), 4),
+    }
+
+
+def main(path: Path, out: Path, target_recall: float, eval_path: Path | None) -> int:
+    report = fit_file(path, out, target_recall=target_recall, eval_path=eval_path)
+    print(json.dumps(report, indent=2))
+    print(f"classifier written to {out}")
+    return 0

@@ -1,0 +1,149 @@
+"""The semantic cache: answers a request from an earlier result whose conversation means the same.
+
+Workers publish each ok result of a route that opts in to a Redis stream, with the embedding the
+router computed for its conversation and the namespace it belongs to (route and tenant, or route
+alone when the route shares its cache). Every router replays the stream when it starts and then
+follows it, keeping an in-memory index per namespace: a ring of at most `max_entries` unit
+vectors (the oldest entry is evicted first), each with its expiry. A lookup is one matrix-vector
+product per namespace; a hit needs the route's cosine threshold and an unexpired entry. The
+stream itself is capped, so Redis holds a bounded amount.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+
+import numpy as np
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from schemas import InferenceResult
+
+log = logging.getLogger(__name__)
+
+STREAM = "switchyard:semantic"
+STREAM_MAX = 200_000
+
+
+def pack(vector: np.ndarray) -> str:
+    return base64.b64encode(vector.astype(np.float16).tobytes()).decode()
+
+
+def unpack(text: str | bytes) -> np.ndarray:
+    vector = np.frombuffer(base64.b64decode(text), dtype=np.float16).astype(np.float32)
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
+
+
+class _Ring:
+    def __init__(self, capacity: int, dimensions: int):
+        self.capacity = capacity
+        self.vectors = np.zeros((capacity, dimensions), dtype=np.float32)
+        self.expires = np.zeros(capacity, dtype=np.float64)
+        self.results: list[bytes | None] = [None] * capacity
+        self.count = 0  # entries ever added; the next goes to count % capacity
+
+    def add(self, vector: np.ndarray, result: bytes, expires: float) -> None:
+        slot = self.count % self.capacity
+        self.vectors[slot] = vector
+        self.expires[slot] = expires
+        self.results[slot] = result
+        self.count += 1
+
+    def resized(self, capacity: int) -> _Ring:
+        ring = _Ring(capacity, self.vectors.shape[1])
+        live = min(self.count, self.capacity)
+        for k in range(max(0, self.count - min(live, capacity)), self.count):
+            slot = k % self.capacity
+            ring.add(self.vectors[slot], self.results[slot], self.expires[slot])
+        return ring
+
+    def best(self, vector: np.ndarray, now: float) -> tuple[float, int]:
+        live = min(self.count, self.capacity)
+        if live == 0:
+            return -1.0, -1
+        scores = self.vectors[:live] @ vector
+        scores[self.expires[:live] <= now] = -1.0
+        slot = int(np.argmax(scores))
+        return float(scores[slot]), slot
+
+
+class SemanticIndex:
+    """A router's copy of the semantic cache."""
+
+    def __init__(self, redis: Redis, *, stream: str = STREAM):
+        self._redis = redis
+        self._stream = stream
+        self._rings: dict[str, _Ring] = {}
+        self._last_id = "0-0"
+        self._task: asyncio.Task | None = None
+        self.entries_seen = 0
+
+    def add(self, namespace: str, vector: np.ndarray, result: bytes, expires: float, max_entries: int) -> None:
+        ring = self._rings.get(namespace)
+        if ring is None:
+            ring = self._rings[namespace] = _Ring(max_entries, len(vector))
+        elif ring.capacity != max_entries:
+            ring = self._rings[namespace] = ring.resized(max_entries)
+        ring.add(vector, result, expires)
+        self.entries_seen += 1
+
+    def lookup(self, namespace: str, vector: np.ndarray, threshold: float) -> tuple[InferenceResult, float] | None:
+        ring = self._rings.get(namespace)
+        if ring is None:
+            return None
+        score, slot = ring.best(vector, time.time())
+        if slot < 0 or score < threshold:
+            return None
+        return InferenceResult.model_validate_json(ring.results[slot]), score
+
+    def size(self, namespace: str) -> int:
+        ring = self._rings.get(namespace)
+        return 0 if ring is None else min(ring.count, ring.capacity)
+
+    async def start(self) -> None:
+        """Load what the stream holds, then follow it in the background."""
+        await self._read(block_ms=None)
+        self._task = asyncio.create_task(self._follow())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                await self._read(block_ms=1000)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning("semantic cache: cannot read the stream (%s); retrying", exc)
+                await asyncio.sleep(1)
+
+    async def _read(self, block_ms: int | None) -> None:
+        while True:
+            reply = await self._redis.xread({self._stream: self._last_id}, count=1000, block=block_ms)
+            if not reply:
+                return
+            for _, entries in reply:
+                for entry_id, fields in entries:
+                    self._last_id = entry_id
+                    try:
+                        self.add(fields[b"ns"].decode(), unpack(fields[b"emb"]), fields[b"result"],
+                                 float(fields[b"exp"]), int(fields[b"max"]))
+                    except (KeyError, ValueError) as exc:
+                        log.warning("semantic cache: skipped a bad entry %s: %r", entry_id, exc)
+            if block_ms is not None:
+                return
+
+
+async def publish(redis: Redis, namespace: str, embedding: str, result: bytes, ttl_s: int, max_entries: int,
+                  *, stream: str = STREAM) -> None:
+    """A worker's part: offer an ok result to every router's index."""
+    await redis.xadd(stream, {"ns": namespace, "emb": embedding, "result": result,
+                              "exp": f"{time.time() + ttl_s:.3f}", "max": str(max_entries)},
+                     maxlen=STREAM_MAX, approximate=True)
