@@ -95,7 +95,7 @@ class PolicySet(Message):
     @classmethod
     def _names(cls, named: dict) -> dict:
         for name in named:
-            if not re.match(NAME_PATTERN, name):
+            if not re.fullmatch(NAME_PATTERN, name):
                 raise ValueError(f"{name!r} is not a valid name (letters, digits, '_', '.', '-'; at most 64)")
         return named
 

@@ -7,12 +7,29 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from schemas._base import NAME_PATTERN, Message, WireModel
 
 MAX_TEXT_CHARS = 1_000_000
 EARLIEST_MS = 1_577_836_800_000  # 2020-01-01: anything earlier is a clock or unit mistake (seconds, not ms)
+LATEST_MS = 32_503_680_000_000  # 3000-01-01: anything later is a unit mistake (microseconds, not ms)
+I64 = 2**63 - 1  # every integer on the wire fits a signed 64-bit field
+MAX_JSON_DEPTH = 32  # response schemas and tool definitions nest at most this deep
+
+
+def _depth(value: Any, limit: int) -> int:
+    """How deeply `value` nests, counting no further than `limit` + 1."""
+    if limit < 0 or not isinstance(value, (dict, list)):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(c, limit - 1) for c in children), default=0)
+
+
+def _shallow(value: Any) -> Any:
+    if value is not None and _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise ValueError(f"nests deeper than {MAX_JSON_DEPTH} levels")
+    return value
 
 
 class Priority(str, enum.Enum):
@@ -31,7 +48,7 @@ class Sampling(WireModel):
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=16)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-I64 - 1, le=I64)
 
 
 def new_request_id() -> str:
@@ -52,15 +69,15 @@ class InferenceRequest(Message):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=1024)
     prompt: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
     sampling: Sampling = Field(default_factory=Sampling)
-    response_schema: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    response_schema: Annotated[dict[str, Any] | None, AfterValidator(_shallow)] = None
+    tools: Annotated[list[dict[str, Any]] | None, AfterValidator(_shallow)] = None
     escalate: bool = Field(default=False, description="Frontier only: send to the top tier when the route permits.")
-    deadline_unix_ms: int | None = Field(default=None, ge=0, description="Answer 'expired' instead of running after this instant.")
-    max_cost_nano_usd: int | None = Field(default=None, ge=0)
+    deadline_unix_ms: int | None = Field(default=None, ge=0, le=LATEST_MS, description="Answer 'expired' instead of running after this instant.")
+    max_cost_nano_usd: int | None = Field(default=None, ge=0, le=I64)
     idempotency_key: str | None = Field(default=None, max_length=256)
     reply_to: str = Field(pattern=NAME_PATTERN, description="Results go to the reply topic of this name.")
     prefix_key: str | None = Field(default=None, max_length=256, description="Session key: requests sharing it share a worker and its KV cache.")
-    created_at_ms: int = Field(default_factory=now_ms, ge=EARLIEST_MS, description="Unix ms, set by the producer.")
+    created_at_ms: int = Field(default_factory=now_ms, ge=EARLIEST_MS, le=LATEST_MS, description="Unix ms, set by the producer.")
 
     @model_validator(mode="after")
     def _one_input(self) -> InferenceRequest:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+import re
+
 import orjson
 from pydantic import BaseModel, ValidationError
 
@@ -22,20 +24,28 @@ def decode(kind: type[M], data: bytes | None) -> M:
     try:
         raw = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise UndecodableMessage(f"not valid JSON: {exc}") from None
+        raise UndecodableMessage(one_line(f"not valid JSON: {exc}")) from None
     try:
         return kind.model_validate(raw)
     except ValidationError as exc:
         raise UndecodableMessage(f"not a valid {kind.__name__}: {describe(exc)}") from None
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """Control characters (a sender's field names may hold newlines) written as escapes."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def problems(exc: ValidationError) -> list[str]:
-    """Each validation error as `field.path: what is wrong`."""
+    """Each validation error as `field.path: what is wrong`, on one line."""
     out = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"])
         message = err["msg"].removeprefix("Value error, ")
-        out.append(f"{where}: {message}" if where else message)
+        out.append(one_line(f"{where}: {message}" if where else message))
     return out
 
 

@@ -143,7 +143,7 @@ class Outcomes:
         request_id, reply_to = raw.get("id"), raw.get("reply_to")
         if not (isinstance(request_id, str) and isinstance(reply_to, str)):
             return []
-        if not re.match(NAME_PATTERN, reply_to) or len(request_id) > 128:
+        if not re.fullmatch(NAME_PATTERN, reply_to) or len(request_id) > 128:
             return []
         result = InferenceResult(
             request_id=request_id,

@@ -21,7 +21,7 @@ from schemas import InferenceRequest
 
 SIMPLE, HARD = "simple", "hard"
 LABELS = (SIMPLE, HARD)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: features are the embedding and the input length
 
 LONG_INPUT_TOKENS = 600
 LARGE_SCHEMA_FIELDS = 12
@@ -32,7 +32,7 @@ _CODE = re.compile(
     re.MULTILINE,
 )
 _MATH = re.compile(
-    r"\\(frac|int|sum|sqrt|lim|prod)\b|\$[^$\n]+\$|\b(prove|proof|derivative|integral|integrate|differentiate|"
+    r"\\(frac|int|sum|sqrt|lim|prod)\b|\$[^$\n]*[\\^_=][^$\n]*\$|\b(prove|proof|derivative|integral|integrate|differentiate|"
     r"eigen\w*|theorem|lemma|induction|solve for|probability that|expected value|variance of)\b|"
     r"\b[a-z]\s*\^\s*\d|\b\d+\s*[a-z]\s*[+\-]\s*\d+\s*=",
     re.IGNORECASE,
@@ -86,9 +86,16 @@ def _schema_fields(schema, depth: int = 0) -> int:
     return count
 
 
+def features(embeddings: np.ndarray, tokens_in) -> np.ndarray:
+    """The embedding and the input's length: longer requests are more often hard, and the
+    embedding, being unit length, does not carry it."""
+    length = (np.log1p(np.asarray(tokens_in, dtype=np.float32)) - 3.0) / 2.0
+    return np.hstack([embeddings, length[:, None]]).astype(np.float32)
+
+
 @dataclass
 class Model:
-    """Logistic regression over unit-length embeddings: P(hard) = sigmoid(w·x + b)."""
+    """Logistic regression over features(): P(hard) = sigmoid(w·x + b)."""
 
     weights: np.ndarray
     bias: float
@@ -216,7 +223,8 @@ class Classifier:
                 vectors = self.embedder.embed([items[i][1] for i in undecided])
             else:
                 vectors = embeddings[undecided]
-            for i, p in zip(undecided, self.model.p_hard(vectors)):
+            tokens = [items[i][2] for i in undecided]
+            for i, p in zip(undecided, self.model.p_hard(features(vectors, tokens))):
                 label = HARD if p >= self.model.threshold else SIMPLE
                 verdicts[i] = Verdict(label, f"classifier: p(hard)={p:.2f} (threshold {self.model.threshold:.2f})")
         return verdicts

@@ -190,7 +190,14 @@ class Router:
             self._count(request.route, "routed")
             metrics.DECISIONS.labels(request.route, routed.tier or "", routed.model,
                                      metrics.basis(routed.reasons[0])).inc()
-            sent = await outcomes.send(self._topics.model(routed.model), encode(routed), prefix_hash(request).encode())
+            try:
+                value = encode(routed)
+            except (TypeError, ValueError) as exc:  # a value the wire format cannot carry
+                self._count(request.route, "dead_lettered")
+                answers.append(_Answer(p.record, None, await outcomes.dead_letter(
+                    p.record, "unencodable", f"the routed request cannot be encoded: {exc}")))
+                continue
+            sent = await outcomes.send(self._topics.model(routed.model), value, prefix_hash(request).encode())
             metrics.DECISION_SECONDS.observe(time.perf_counter() - taken)
             answers.append(_Answer(p.record, p.entry, [sent]))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.router.classify import HARD, Classifier, Model, read_labeled, rules, train
+from services.router.classify import HARD, Classifier, features, read_labeled, rules, train
 from services.router.decide import estimate_tokens
 from services.router.embed import Embedder, conversation_text
 from shared.errors import ConfigError
@@ -37,7 +37,7 @@ def fit_file(path: Path, out: Path, *, target_recall: float = 0.97, eval_path: P
         raise ConfigError(f"{path}: the examples the rules leave undecided need both labels "
                           f"(have {int(labels.sum())} hard of {len(labels)})")
     vectors = embedder.embed([conversation_text(r) for r, _ in undecided])
-    model = train(vectors, labels, target_recall=target_recall)
+    model = train(features(vectors, [estimate_tokens(r) for r, _ in undecided]), labels, target_recall=target_recall)
     model.meta["source"] = str(path)
     model.meta["decided_by_rules"] = len(examples) - len(undecided)
     report = {"examples": len(examples), "decided_by_rules": len(examples) - len(undecided),

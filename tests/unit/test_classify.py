@@ -88,7 +88,7 @@ def test_a_learned_model_decides_what_the_rules_leave_and_says_so():
         def embed(self, texts):
             return np.array([[1.0, 0.0] if "hard" in t else [0.0, 1.0] for t in texts], dtype=np.float32)
 
-    model = Model(np.array([4.0, -4.0], dtype=np.float32), 0.0, 0.5, {})
+    model = Model(np.array([4.0, -4.0, 0.0], dtype=np.float32), 0.0, 0.5, {})
     clf = Classifier(model, Fixed())
     items = [(InferenceRequest(tenant="t", route="r", reply_to="svc", prompt=p), p, 5) for p in ("a hard one", "an easy one", "hello")]
     labels = [(v.label, v.reason.split(":")[0]) for v in clf.classify(items)]
