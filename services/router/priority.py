@@ -1,62 +1,64 @@
 """Interactive before standard before batch, without starving batch.
 
-After each fetch the gate looks at which priorities have a backlog: records came back for them,
-or their high watermark is past what the router has read. While a priority has one, every
-lower priority's partitions are paused, so the next fetches bring only the urgent requests.
-Every `share_every`-th fetch the paused partitions are resumed for that one fetch: a lower
-priority keeps a minimum share of the router's rounds, and batch never starves.
+The router reads each priority's topic with a consumer of its own, so what one priority has
+buffered never stands in front of another's records. Each round it takes up to `max_batch`
+requests, most urgent first; a less urgent priority with a backlog still gets a guaranteed
+share of every round (`min_share` of it), so a flood of interactive requests slows batch
+down but never stops it. When every priority is idle it waits for whichever speaks first.
 """
 
 from __future__ import annotations
 
-from aiokafka.structs import TopicPartition
+import asyncio
+import math
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from schemas import Priority
-from shared.topics import Topics
 
 LEVELS = list(Priority)  # most urgent first
+IDLE_WAIT_MS = 100
 
 
-class PriorityGate:
-    def __init__(self, topics: Topics, *, share_every: int = 5):
-        if share_every < 2:
-            raise ValueError("share_every must be at least 2 (1 would mean no priority at all)")
-        self._level = {topics.requests(p): i for i, p in enumerate(LEVELS)}
-        self._share_every = share_every
-        self._next: dict[TopicPartition, int] = {}
-        self._rounds = 0
-        self.paused_rounds = 0
-        self.share_rounds = 0
+class Lanes:
+    def __init__(self, consumers: dict[Priority, AIOKafkaConsumer], *, max_batch: int = 500, min_share: float = 0.1):
+        if not 0 < min_share < 1:
+            raise ValueError("min_share must be between 0 and 1")
+        self.consumers = consumers
+        self._max_batch = max_batch
+        self._reserved = max(1, math.floor(max_batch * min_share))
+        self.taken: dict[Priority, int] = {p: 0 for p in consumers}
 
-    def busiest_level(self, consumer, batch: dict) -> int | None:
-        """The most urgent priority level with a backlog after this fetch, or None."""
-        busy = None
-        for tp, records in batch.items():
-            if records:
-                self._next[tp] = records[-1].offset + 1
-                level = self._level.get(tp.topic)
-                if level is not None and (busy is None or level < busy):
-                    busy = level
-        for tp in consumer.assignment():
-            level = self._level.get(tp.topic)
-            if level is None or (busy is not None and level >= busy) or tp in consumer.paused():
-                continue
-            highwater = consumer.highwater(tp)
-            if highwater is not None and tp in self._next and highwater > self._next[tp]:
-                busy = level
-        return busy
+    async def take(self) -> dict[Priority, dict[TopicPartition, list[ConsumerRecord]]]:
+        """One round of records by priority; empty if every priority stayed idle for a short wait."""
+        got = await self._round()
+        if not any(got.values()):
+            got = await self._first_to_speak()
+        for priority, batch in got.items():
+            self.taken[priority] += sum(len(r) for r in batch.values())
+        return got
 
-    def after_fetch(self, consumer, batch: dict) -> None:
-        """Pause or resume partitions for the next fetch."""
-        self._rounds += 1
-        busy = self.busiest_level(consumer, batch)
-        lower = [tp for tp in consumer.assignment() if busy is not None and self._level.get(tp.topic, -1) > busy]
-        if lower and self._rounds % self._share_every != 0:
-            consumer.pause(*lower)
-            # Anything not lower than the busy level reads on.
-            consumer.resume(*[tp for tp in consumer.paused() if tp not in lower])
-            self.paused_rounds += 1
-        else:
-            if lower:
-                self.share_rounds += 1
-            consumer.resume(*consumer.paused())
+    async def _round(self) -> dict[Priority, dict[TopicPartition, list[ConsumerRecord]]]:
+        levels = [p for p in LEVELS if p in self.consumers]
+        got: dict[Priority, dict] = {}
+        left = self._max_batch
+        for i, priority in enumerate(levels):
+            # Leave room for each less urgent level: its minimum share of the round.
+            room = max(left - self._reserved * (len(levels) - 1 - i), self._reserved)
+            batch = await self.consumers[priority].getmany(timeout_ms=0, max_records=room)
+            got[priority] = batch
+            left -= sum(len(r) for r in batch.values())
+        return got
+
+    async def _first_to_speak(self) -> dict[Priority, dict[TopicPartition, list[ConsumerRecord]]]:
+        """Wait on every idle priority at once; whatever arrives first (with anything else that has
+        arrived by then) is this round. A wait cancelled before it returns takes no records."""
+        share = max(self._reserved, self._max_batch // len(self.consumers))
+        waits = {asyncio.ensure_future(c.getmany(timeout_ms=IDLE_WAIT_MS, max_records=share)): p
+                 for p, c in self.consumers.items()}
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return {waits[task]: task.result() for task in done}

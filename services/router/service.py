@@ -20,14 +20,14 @@ import numpy as np
 import orjson
 from aiokafka.structs import ConsumerRecord
 
-from schemas import CacheHit, InferenceRequest, Memo, PolicySet, RoutedRequest, RoutePolicy, Status, now_ms
+from schemas import CacheHit, InferenceRequest, Memo, PolicySet, Priority, RoutedRequest, RoutePolicy, Status, now_ms
 from services.router import metrics
 from services.router.classify import HARD, Classifier, Verdict, rules
 from services.router.decide import admit, decide, estimate_tokens, tiers_of
 from services.router.embed import conversation_text
 from services.router.feed import PolicyFeed
 from services.router.limits import TenantLimiter
-from services.router.priority import PriorityGate
+from services.router.priority import Lanes
 from services.router.seen import ForwardedLog, content_digest
 from shared import kafka
 from shared.codec import decode, encode
@@ -49,8 +49,7 @@ class Router:
     def __init__(self, *, bootstrap: str, topics: Topics, policies: PolicySet, forwarded: ForwardedLog,
                  limiter: TenantLimiter, feed: PolicyFeed | None = None, group_id: str = "router",
                  max_batch: int = 500, classifier: Classifier | None = None, embedder=None,
-                 memory: Memory | None = None, semantic: SemanticIndex | None = None,
-                 priority: PriorityGate | None = None):
+                 memory: Memory | None = None, semantic: SemanticIndex | None = None, min_share: float = 0.1):
         self._bootstrap = bootstrap
         self._limiter = limiter
         self._feed = feed
@@ -65,7 +64,8 @@ class Router:
         self._semantic = semantic if self._embedder is not None else None
         if semantic is not None and self._embedder is None:
             log.warning("no embedder: routes with a semantic cache are served without it")
-        self._priority = priority if priority is not None else PriorityGate(topics)
+        self._min_share = min_share
+        self.lanes: Lanes | None = None
         self.counts: Counter[str] = Counter()
 
     def apply_policy(self, policies: PolicySet) -> None:
@@ -74,35 +74,49 @@ class Router:
         log.info("policy version %s in force (routes: %s)", policies.version, ", ".join(policies.routes))
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with kafka.consuming(self._bootstrap, self._topics.all_requests, group_id=self._group_id) as (
-            consumer, producer
-        ):
+        """Consume every priority's requests topic, each with a consumer of its own (group
+        `<group_id>.<priority>`), most urgent first, until `stop` is set."""
+        producer = kafka.producer(self._bootstrap)
+        await producer.start()
+        consumers: dict[Priority, object] = {}
+        following = None
+        try:
+            for priority in Priority:
+                consumer = kafka.consumer(self._bootstrap, self._topics.requests(priority),
+                                          group_id=f"{self._group_id}.{priority.value}")
+                await consumer.start()
+                consumers[priority] = consumer
             log.info("router consuming %s with policy version %s (routes: %s)",
                      ", ".join(self._topics.all_requests), self.policies.version, ", ".join(self.policies.routes))
             following = asyncio.create_task(self._feed.follow(self.apply_policy, stop)) if self._feed else None
-            try:
-                await self._consume(consumer, Outcomes(producer, self._topics), stop)
-            finally:
-                if following is not None:
-                    following.cancel()
-                    await asyncio.gather(following, return_exceptions=True)
+            self.lanes = Lanes(consumers, max_batch=self._max_batch, min_share=self._min_share)
+            await self._consume(self.lanes, Outcomes(producer, self._topics), stop)
+        finally:
+            if following is not None:
+                following.cancel()
+                await asyncio.gather(following, return_exceptions=True)
+            for consumer in consumers.values():
+                await consumer.stop()
+            await producer.stop()
 
-    async def _consume(self, consumer, outcomes: Outcomes, stop: asyncio.Event) -> None:
+    async def _consume(self, lanes: Lanes, outcomes: Outcomes, stop: asyncio.Event) -> None:
         retry_s = RETRY_MIN_S
         while not stop.is_set():
-            batch = await consumer.getmany(timeout_ms=100, max_records=self._max_batch)
+            rounds = await lanes.take()
             taken = time.perf_counter()
-            self._priority.after_fetch(consumer, batch)
-            records = [r for recs in batch.values() for r in recs]
+            records = [r for batch in rounds.values() for recs in batch.values() for r in recs]
             if not records:
                 continue
             if await self._route_batch(records, outcomes, taken):
-                await kafka.commit(consumer)
+                for priority, batch in rounds.items():
+                    if batch:
+                        await kafka.commit(lanes.consumers[priority])
                 retry_s = RETRY_MIN_S
             else:
-                # Read the batch again: what did reach the broker is in the forwarded log
+                # Read the round again: what did reach the broker is in the forwarded log
                 # and is skipped as a redelivery; the rest is sent again.
-                kafka.rewind(consumer, {tp: recs[0].offset for tp, recs in batch.items()})
+                for priority, batch in rounds.items():
+                    kafka.rewind(lanes.consumers[priority], {tp: recs[0].offset for tp, recs in batch.items()})
                 await asyncio.sleep(retry_s)
                 retry_s = min(retry_s * 2, RETRY_MAX_S)
 
