@@ -29,8 +29,6 @@ TENANTS = {
 ROUTES = ["chat", "reasoning"]
 # The two tiers differ in size, so the large one is slower and, in the policy, dearer.
 TINY_MODELS = {"small": dict(layers=2, hidden=128, seed=0), "large": dict(layers=4, hidden=256, seed=1)}
-WORDS = ("order return refund sea river mountain code function error value price summary explain prove "
-         "why how when where number table color music science story").split()
 STACK_START_TIMEOUT_S = 60
 WARMUP_TIMEOUT_S = 600
 
@@ -94,9 +92,32 @@ def _wait_for_stack(settings: Settings, stack: subprocess.Popen) -> dict:
     raise DependencyUnavailable(f"the stack did not come up within {STACK_START_TIMEOUT_S} s ({state_path(settings)})")
 
 
-def _messages(rng: random.Random, tenant: str) -> list[dict[str, str]]:
-    question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 30))) + "?"
-    return [{"role": "system", "content": TENANTS[tenant]}, {"role": "user", "content": question}]
+FAQ = [  # questions customers ask again and again, some in other words: the faq route caches them
+    "How do I return an item I bought online?",
+    "how can I send back something I ordered online?",
+    "What are your opening hours on Sunday?",
+    "When do you open on Sundays?",
+    "How long does delivery take?",
+]
+
+
+def _workload(rng: random.Random, requests: int) -> list[tuple[str, str, str, str]]:
+    """(tenant, route, prompt, label): labeled prompts written for the router's evaluation (about
+    70% simple, 30% hard) on the tiered chat route, and a sixth of repeated questions on faq."""
+    from services.router.classify import HARD, read_labeled
+    from services.router.train import BUNDLED_EVAL
+
+    labeled = read_labeled(BUNDLED_EVAL)
+    prompts = [(r.prompt, label) for r, label in labeled if r.prompt is not None]
+    plan = []
+    for i in range(requests):
+        tenant = rng.choice(list(TENANTS))
+        if i % 6 == 5:
+            plan.append((tenant, "faq", rng.choice(FAQ), "simple"))
+        else:
+            prompt, label = rng.choice(prompts)
+            plan.append((tenant, "chat", prompt, "hard" if label == HARD else "simple"))
+    return plan
 
 
 async def _load(state: dict, requests: int, concurrency: int) -> dict:
@@ -110,27 +131,30 @@ async def _load(state: dict, requests: int, concurrency: int) -> dict:
             for route in ROUTES
         ))
         _step(f"engines answering after {time.monotonic() - warm:.0f} s; "
-              f"sending {requests} requests for {len(TENANTS)} tenants over routes {', '.join(ROUTES)}")
+              f"sending {requests} requests for {len(TENANTS)} tenants over routes chat and faq")
         rng = random.Random(7)
-        plan = [(rng.choice(list(TENANTS)), ROUTES[i % len(ROUTES)]) for i in range(requests)]
+        plan = _workload(rng, requests)
         gate = asyncio.Semaphore(concurrency)
         latencies: list[float] = []
 
-        async def one(tenant: str, route: str):
+        async def one(tenant: str, route: str, prompt: str):
             async with gate:
                 sent = time.monotonic()
-                result = await client.complete(tenant=tenant, route=route, messages=_messages(rng, tenant),
-                                               max_tokens=64, timeout_s=120)
+                result = await client.complete(tenant=tenant, route=route, max_tokens=64, timeout_s=120,
+                                               messages=[{"role": "system", "content": TENANTS[tenant]},
+                                                         {"role": "user", "content": prompt}])
                 latencies.append((time.monotonic() - sent) * 1000)
                 return result
 
         load_start = time.monotonic()
-        results = await asyncio.gather(*(one(t, r) for t, r in plan))
+        results = await asyncio.gather(*(one(t, r, p) for t, r, p, _ in plan))
         wall_s = time.monotonic() - load_start
     by_status: dict[str, int] = {}
     for r in results:
         by_status[r.status.value] = by_status.get(r.status.value, 0) + 1
     latencies.sort()
+    labels = [label for *_, label in plan]
+    hard = [r for r, label in zip(results, labels) if label == "hard"]
     return {
         "sent": requests,
         "answered": len(results),
@@ -139,7 +163,20 @@ async def _load(state: dict, requests: int, concurrency: int) -> dict:
         "wall_s": wall_s,
         "p50_ms": statistics.median(latencies),
         "p95_ms": latencies[int(0.95 * (len(latencies) - 1))],
+        "by_tier": _count(r.tier or "-" for r in results if r.cache_hit.value == "none"),
+        "by_cache": _count(r.cache_hit.value for r in results),
+        "hard": len(hard),
+        "hard_to_large": sum(1 for r in hard if r.model == "large" or r.tier == "large"),
+        # What the same answers would have cost with every request run on the large model.
+        "tokens": [(r.tokens_in, r.tokens_out) for r in results if r.status == Status.ok],
     }
+
+
+def _count(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
 
 
 def _report(settings: Settings, state: dict, stats: dict, since: datetime, elapsed_s: float) -> None:
@@ -181,6 +218,16 @@ def _report(settings: Settings, state: dict, stats: dict, since: datetime, elaps
     print(f"End to end (client send to result): p50 {stats['p50_ms']:.0f} ms, p95 {stats['p95_ms']:.0f} ms; "
           f"{stats['answered'] / stats['wall_s']:.1f} requests/s, "
           f"{stats['ok_tokens_out'] / stats['wall_s']:.0f} output tokens/s over {stats['wall_s']:.1f} s.")
+    from services.router.policy import load
+
+    large = load(settings.policy_file).models["large"].price
+    all_large = sum(large.cost_nano_usd(i, o) for i, o in stats["tokens"])
+    saved = 1 - total["cost_nano_usd"] / all_large if all_large else 0.0
+    print(f"Routing: models chosen {json.dumps(stats['by_tier'])}; answered from memory "
+          f"{json.dumps({k: v for k, v in stats['by_cache'].items() if k != 'none'})}; "
+          f"{stats['hard_to_large']} of {stats['hard']} requests labeled hard reached the large model.")
+    print(f"Cost {total['cost_nano_usd'] / 1e7:.4f} cents against {all_large / 1e7:.4f} cents with every request "
+          f"on the large model: {saved:.0%} saved.")
     print(f"Demo took {elapsed_s:.0f} s in all.")
     print()
     print("Where the data lives:")

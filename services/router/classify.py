@@ -53,8 +53,14 @@ class Verdict:
     reason: str
 
 
+def estimate(request: InferenceRequest) -> int:
+    from services.router.decide import estimate_tokens
+
+    return estimate_tokens(request)
+
+
 def rules(request: InferenceRequest, text: str, tokens_in: int) -> Verdict:
-    """The fast path: a label with its reason, or no label."""
+    """The fast path: a label with its reason, or no label. `tokens_in`: the whole input's estimate."""
     if request.tools:
         return Verdict(HARD, f"rule: {len(request.tools)} tool(s) offered")
     if request.response_schema and _schema_fields(request.response_schema) > LARGE_SCHEMA_FIELDS:
@@ -212,9 +218,9 @@ class Classifier:
 
     def classify(self, items: list[tuple[InferenceRequest, str, int]],
                  embeddings: np.ndarray | None = None) -> list[Verdict]:
-        """Verdicts for (request, conversation text, estimated input tokens); `embeddings`, when given,
-        are the texts' embeddings (rows in the same order), computed once for the cache as well."""
-        verdicts = [rules(request, text, tokens) for request, text, tokens in items]
+        """Verdicts for (request, asked text, its estimated tokens) (see embed.asked_text);
+        `embeddings`, when given, are the asked texts' embeddings in the same order."""
+        verdicts = [rules(request, text, estimate(request)) for request, text, _ in items]
         if self.model is None:
             return [v if v.label else Verdict(SIMPLE, "no classifier: the route's cheapest tier") for v in verdicts]
         undecided = [i for i, v in enumerate(verdicts) if v.label is None]

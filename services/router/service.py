@@ -24,7 +24,7 @@ from schemas import CacheHit, InferenceRequest, Memo, PolicySet, Priority, Route
 from services.router import metrics
 from services.router.classify import HARD, Classifier, Verdict, rules
 from services.router.decide import admit, decide, estimate_tokens, tiers_of
-from services.router.embed import conversation_text
+from services.router.embed import asked_text, asked_tokens, conversation_text
 from services.router.feed import PolicyFeed
 from services.router.limits import TenantLimiter
 from services.router.priority import Lanes
@@ -218,31 +218,33 @@ class Router:
         return await self._settle(answers, best_effort, outcomes)
 
     async def _judge(self, pending: list[_Pending]) -> None:
-        """Set each request's verdict (how hard it is) and, where needed, its conversation's embedding:
-        one embedding per request serves the classifier and the semantic cache."""
-        embed: list[_Pending] = []
+        """Set each request's verdict (how hard it is) and, for a semantic cache, its conversation's
+        embedding. The classifier reads what is asked (no system prompt), the cache the whole
+        conversation; where the two texts are the same, one embedding serves both."""
+        texts: dict[str, int] = {}
         for p in pending:
             p.text = conversation_text(p.request)
+            p.asked = asked_text(p.request)
             # Only a route with more than one tier has anything to choose; escalation decides alone.
             if not p.request.escalate and len(tiers_of(p.policy, self.policies)) > 1:
-                p.verdict = rules(p.request, p.text, p.tokens_in)
-            wants_class = p.verdict is not None and p.verdict.label is None and self._classifier.model is not None
-            wants_cache = self._semantic is not None and p.policy.cache.semantic
-            if wants_class or wants_cache:
-                embed.append(p)
-        if embed:
+                p.verdict = rules(p.request, p.asked, p.tokens_in)
+            if p.verdict is not None and p.verdict.label is None and self._classifier.model is not None:
+                texts.setdefault(p.asked, len(texts))
+            if self._semantic is not None and p.policy.cache.semantic:
+                texts.setdefault(p.text, len(texts))
+        vectors = None
+        if texts:
             started = time.perf_counter()
-            vectors = await asyncio.to_thread(self._embedder.embed, [p.text for p in embed])
+            vectors = await asyncio.to_thread(self._embedder.embed, list(texts))
             metrics.EMBED_SECONDS.observe(time.perf_counter() - started)
-            for p, vector in zip(embed, vectors):
-                p.vector = vector
+            for p in pending:
+                if self._semantic is not None and p.policy.cache.semantic:
+                    p.vector = vectors[texts[p.text]]
         undecided = [p for p in pending if p.verdict is not None and p.verdict.label is None]
         if undecided:
-            vectors = None
-            if self._classifier.model is not None:
-                vectors = np.stack([p.vector for p in undecided])
+            asked = None if self._classifier.model is None else vectors[[texts[p.asked] for p in undecided]]
             for p, verdict in zip(undecided, self._classifier.classify(
-                    [(p.request, p.text, p.tokens_in) for p in undecided], vectors)):
+                    [(p.request, p.asked, asked_tokens(p.request)) for p in undecided], asked)):
                 p.verdict = verdict
 
     async def _remembered(self, allowed: list[_Pending], answers: list[_Answer], outcomes: Outcomes) -> list[_Pending]:
@@ -356,6 +358,7 @@ class _Pending:
     tokens_in: int
     policy: RoutePolicy
     text: str = ""
+    asked: str = ""
     verdict: Verdict | None = None
     vector: np.ndarray | None = None
     routed: RoutedRequest | None = None

@@ -16,7 +16,7 @@ import numpy as np
 
 from services.router.classify import HARD, Classifier, features, read_labeled, rules, train
 from services.router.decide import estimate_tokens
-from services.router.embed import Embedder, conversation_text
+from services.router.embed import Embedder, asked_text, asked_tokens
 from shared.errors import ConfigError
 
 BUNDLED = Path(__file__).resolve().parent / "data" / "labeled_train.jsonl"
@@ -31,13 +31,13 @@ def fit_file(path: Path, out: Path, *, target_recall: float = 0.97, eval_path: P
         raise ConfigError(str(exc)) from None
     embedder = embedder or Embedder()
     undecided = [(r, label) for r, label in examples
-                 if rules(r, conversation_text(r), estimate_tokens(r)).label is None]
+                 if rules(r, asked_text(r), estimate_tokens(r)).label is None]
     labels = np.array([label == HARD for _, label in undecided], dtype=np.int64)
     if labels.sum() == 0 or labels.sum() == len(labels):
         raise ConfigError(f"{path}: the examples the rules leave undecided need both labels "
                           f"(have {int(labels.sum())} hard of {len(labels)})")
-    vectors = embedder.embed([conversation_text(r) for r, _ in undecided])
-    model = train(features(vectors, [estimate_tokens(r) for r, _ in undecided]), labels, target_recall=target_recall)
+    vectors = embedder.embed([asked_text(r) for r, _ in undecided])
+    model = train(features(vectors, [asked_tokens(r) for r, _ in undecided]), labels, target_recall=target_recall)
     model.meta["source"] = str(path)
     model.meta["decided_by_rules"] = len(examples) - len(undecided)
     report = {"examples": len(examples), "decided_by_rules": len(examples) - len(undecided),
@@ -52,7 +52,7 @@ def fit_file(path: Path, out: Path, *, target_recall: float = 0.97, eval_path: P
 def evaluate(classifier: Classifier, path: Path) -> dict:
     """How the classifier (rules and model) labels a held-out file."""
     examples = read_labeled(path)
-    verdicts = classifier.classify([(r, conversation_text(r), estimate_tokens(r)) for r, _ in examples])
+    verdicts = classifier.classify([(r, asked_text(r), asked_tokens(r)) for r, _ in examples])
     truth = np.array([label == HARD for _, label in examples])
     said = np.array([v.label == HARD for v in verdicts])
     by_rules = np.array([v.reason.startswith("rule") for v in verdicts])

@@ -120,6 +120,12 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
             print(f"topics       | {line}", flush=True)
         print(f"policy       | {asyncio.run(_policy_in_force(bootstrap, settings, policies))}", flush=True)
 
+        if settings.embeddings and not settings.classifier_path.exists():
+            print(f"classifier   | none at {settings.classifier_path}; fitting one from the bundled labeled prompts",
+                  flush=True)
+            subprocess.run([sys.executable, "-m", "services.cli.main", "router", "train", "--out",
+                            str(settings.classifier_path)], check=True, stdout=subprocess.DEVNULL,
+                           stderr=open(logs / "train.log", "ab"))
         env = dict(os.environ)
         env.update({
             "SWITCHYARD_BOOTSTRAP": bootstrap,
