@@ -2,13 +2,15 @@
 
 from schemas._base import SCHEMA_VERSION
 from schemas.cost import CostRecord
+from schemas.health import ModelHealth
 from schemas.policy import CachePolicy, ModelPrice, ModelSpec, PolicySet, RoutePolicy, TenantLimits
 from schemas.request import ChatMessage, InferenceRequest, Priority, Sampling, new_request_id, now_ms
 from schemas.result import CacheHit, ErrorInfo, InferenceResult, Latency, Status
 from schemas.routed import DeadLetter, Memo, RoutedRequest
 
 # Each of these is exported as schemas/json/<Name>.schema.json for producers in other languages.
-EXPORTED = (InferenceRequest, InferenceResult, CostRecord, RoutePolicy, PolicySet, RoutedRequest, DeadLetter)
+EXPORTED = (InferenceRequest, InferenceResult, CostRecord, RoutePolicy, PolicySet, RoutedRequest, DeadLetter,
+            ModelHealth)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -23,6 +25,7 @@ __all__ = [
     "InferenceResult",
     "Latency",
     "Memo",
+    "ModelHealth",
     "ModelPrice",
     "ModelSpec",
     "PolicySet",

@@ -30,6 +30,12 @@ class ModelSpec(WireModel):
     max_context_tokens: int = Field(default=4096, ge=1)
     supports_tools: bool = False
     supports_json_schema: bool = False
+    max_p95_latency_ms: int | None = Field(default=None, ge=1, description=(
+        "Skip the model while its workers' rolling p95 latency is over this."))
+    max_error_rate: float | None = Field(default=None, gt=0, le=1, description=(
+        "Skip the model while this share of its recent requests fail (judged on 10 or more)."))
+    max_backlog: int | None = Field(default=None, ge=0, description=(
+        "Skip the model while every worker is full and more than this many requests wait for it."))
 
     @field_validator("price_in_usd_per_mtok", "price_out_usd_per_mtok")
     @classmethod

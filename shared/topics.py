@@ -12,6 +12,7 @@ REPLY_PARTITIONS = 3
 COST_PARTITIONS = 6
 DEAD_LETTER_PARTITIONS = 1
 POLICY_PARTITIONS = 1
+HEALTH_PARTITIONS = 1
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class Topics:
     def policies(self) -> str:
         return f"{self.prefix}.policies"
 
+    @property
+    def health(self) -> str:
+        return f"{self.prefix}.health"
+
     def plan(self, models: list[str]) -> list[TopicSpec]:
         """The topics a deployment serving `models` needs, with their partition counts."""
         return [
@@ -61,6 +66,8 @@ class Topics:
             TopicSpec(self.dead_letter, DEAD_LETTER_PARTITIONS),
             # Compacted: the latest policy is kept for ever, older versions may go.
             TopicSpec(self.policies, POLICY_PARTITIONS, {"cleanup.policy": "compact"}),
+            # Reports are only worth seconds: keep an hour, for looking back.
+            TopicSpec(self.health, HEALTH_PARTITIONS, {"retention.ms": str(3600 * 1000)}),
         ]
 
     def reply_spec(self, reply_to: str) -> TopicSpec:

@@ -9,7 +9,7 @@ candidates, cheapest first, travel with the request as its fallback chain.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from schemas import InferenceRequest, PolicySet, RoutedRequest, RoutePolicy, now_ms
 from shared.errors import EscalationNotAllowed, InputError, InputTooLarge, UnknownRoute
@@ -33,6 +33,10 @@ def estimate_tokens(request: InferenceRequest) -> int:
     return len(request.prompt.encode()) // BYTES_PER_TOKEN + 1
 
 
+def _why(unhealthy, model: str) -> str:
+    return unhealthy.get(model, "unhealthy") if isinstance(unhealthy, Mapping) else "unhealthy"
+
+
 def admit(request: InferenceRequest, policies: PolicySet, tokens_in: int) -> RoutePolicy:
     """The policy that serves the request, or an InputError: unknown route, input too large,
     escalation the route does not allow."""
@@ -52,9 +56,10 @@ def tiers_of(policy: RoutePolicy, policies: PolicySet) -> set[int]:
 
 
 def decide(request: InferenceRequest, policies: PolicySet, *, tokens_in: int | None = None, hard: bool = False,
-           reasons: Collection[str] = (), unhealthy: Collection[str] = ()) -> RoutedRequest:
+           reasons: Collection[str] = (), unhealthy: Collection[str] | Mapping[str, str] = ()) -> RoutedRequest:
     """The routed request, or an InputError saying why no model may serve it. `hard`: the
     classifier judged it to need the policy's hard tier (or the route's strongest, if lower).
+    `unhealthy`: models to skip (with why, as a mapping), unless nothing else can serve.
     `tokens_in` is the caller's estimate_tokens(request), when it has one already."""
     tokens_in = estimate_tokens(request) if tokens_in is None else tokens_in
     policy = admit(request, policies, tokens_in)
@@ -73,7 +78,7 @@ def decide(request: InferenceRequest, policies: PolicySet, *, tokens_in: int | N
                             request.max_cost_nano_usd) if c is not None]
     ceiling = min(ceilings) if ceilings else None
 
-    candidates, skipped = [], []
+    candidates, skipped, sick = [], [], []
     for model in policy.models:
         spec = policies.models[model]
         worst_case = spec.price.cost_nano_usd(tokens_in, max_tokens)
@@ -89,8 +94,14 @@ def decide(request: InferenceRequest, policies: PolicySet, *, tokens_in: int | N
             skipped.append(f"{model}: worst case {worst_case} nano-USD is over the ceiling {ceiling}")
         elif model in unhealthy:
             skipped.append(f"{model}: unhealthy")
+            sick.append((worst_case, model))
+            why.append(f"skipped {model}: {_why(unhealthy, model)}")
         else:
             candidates.append((worst_case, model))
+    if not candidates and sick:
+        # Every capable model is unhealthy: better slow than refused; the chain is not retried.
+        candidates = sick
+        why.append("every capable model is unhealthy: using them anyway")
     if not candidates:
         raise NoCapableModel(f"no model of route {request.route!r} can serve this request: {'; '.join(skipped)}")
     candidates.sort(key=lambda c: c[0])  # stable: equal prices keep the route's order

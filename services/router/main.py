@@ -12,6 +12,7 @@ from prometheus_client import start_http_server
 from services.router.classify import Classifier, Model
 from services.router.embed import Embedder
 from services.router.feed import PolicyFeed
+from services.router.health import HealthBoard
 from services.router.policy import load
 from services.router.limits import TenantLimiter
 from services.router.seen import ForwardedLog
@@ -46,7 +47,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             await semantic.start()
         router = Router(bootstrap=settings.bootstrap, topics=settings.topics, policies=policies,
                         forwarded=ForwardedLog(redis), limiter=TenantLimiter(redis), feed=feed,
-                        classifier=classifier, embedder=embedder, memory=Memory(redis), semantic=semantic)
+                        classifier=classifier, embedder=embedder, memory=Memory(redis), semantic=semantic,
+                        health=HealthBoard())
         await router.run(stop)
     finally:
         if semantic is not None:

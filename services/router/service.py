@@ -26,6 +26,7 @@ from services.router.classify import HARD, Classifier, Verdict, rules
 from services.router.decide import admit, decide, estimate_tokens, tiers_of
 from services.router.embed import asked_text, asked_tokens, conversation_text
 from services.router.feed import PolicyFeed
+from services.router.health import HealthBoard
 from services.router.limits import TenantLimiter
 from services.router.priority import Lanes
 from services.router.seen import ForwardedLog, content_digest
@@ -49,7 +50,8 @@ class Router:
     def __init__(self, *, bootstrap: str, topics: Topics, policies: PolicySet, forwarded: ForwardedLog,
                  limiter: TenantLimiter, feed: PolicyFeed | None = None, group_id: str = "router",
                  max_batch: int = 500, classifier: Classifier | None = None, embedder=None,
-                 memory: Memory | None = None, semantic: SemanticIndex | None = None, min_share: float = 0.1):
+                 memory: Memory | None = None, semantic: SemanticIndex | None = None, min_share: float = 0.1,
+                 health: HealthBoard | None = None):
         self._bootstrap = bootstrap
         self._limiter = limiter
         self._feed = feed
@@ -65,6 +67,7 @@ class Router:
         if semantic is not None and self._embedder is None:
             log.warning("no embedder: routes with a semantic cache are served without it")
         self._min_share = min_share
+        self.health = health
         self.lanes: Lanes | None = None
         self.counts: Counter[str] = Counter()
 
@@ -79,7 +82,7 @@ class Router:
         producer = kafka.producer(self._bootstrap)
         await producer.start()
         consumers: dict[Priority, object] = {}
-        following = None
+        following = watching = None
         try:
             for priority in Priority:
                 consumer = kafka.consumer(self._bootstrap, self._topics.requests(priority),
@@ -89,12 +92,15 @@ class Router:
             log.info("router consuming %s with policy version %s (routes: %s)",
                      ", ".join(self._topics.all_requests), self.policies.version, ", ".join(self.policies.routes))
             following = asyncio.create_task(self._feed.follow(self.apply_policy, stop)) if self._feed else None
+            watching = (asyncio.create_task(self.health.follow(self._bootstrap, self._topics, stop))
+                        if self.health is not None else None)
             self.lanes = Lanes(consumers, max_batch=self._max_batch, min_share=self._min_share)
             await self._consume(self.lanes, Outcomes(producer, self._topics), stop)
         finally:
-            if following is not None:
-                following.cancel()
-                await asyncio.gather(following, return_exceptions=True)
+            for task in (following, watching):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             for consumer in consumers.values():
                 await consumer.stop()
             await producer.stop()
@@ -171,12 +177,14 @@ class Router:
             pending.append(_Pending(record, request, entry, tokens_in, policy))
 
         await self._judge(pending)
+        unhealthy = self.health.unhealthy(self.policies) if self.health is not None else {}
         admitted: list[_Pending] = []
         for p in pending:
             try:
                 p.routed = decide(p.request, self.policies, tokens_in=p.tokens_in,
                                   hard=p.verdict is not None and p.verdict.label == HARD,
-                                  reasons=[p.verdict.reason] if p.verdict is not None else [])
+                                  reasons=[p.verdict.reason] if p.verdict is not None else [],
+                                  unhealthy=unhealthy)
                 admitted.append(p)
             except InputError as exc:
                 self._count(p.request.route, "rejected")

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
+from collections import deque
 
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -13,7 +16,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from schemas import CacheHit, InferenceResult, Latency, RoutedRequest, Status, now_ms
+from schemas import CacheHit, InferenceResult, Latency, ModelHealth, RoutedRequest, Status, now_ms
 from services.worker.engine import Engine
 from services.worker.offsets import OffsetTracker
 from shared import kafka
@@ -25,6 +28,9 @@ from shared.outcomes import Outcomes, cost_record, delivered, error_result
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
+
+HEALTH_INTERVAL_S = 2.0
+HEALTH_WINDOW_S = 60.0
 
 
 class Worker:
@@ -47,6 +53,9 @@ class Worker:
         self._tasks: dict[asyncio.Task, TopicPartition] = {}
         self._consumer = None
         self._fatal: BaseException | None = None
+        self._finished: deque[tuple[float, int, bool]] = deque()  # (monotonic s, latency ms, failed)
+        self.health_interval_s = HEALTH_INTERVAL_S
+        self._name = f"{socket.gethostname()}:{os.getpid()}"
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set (then drain) or the engine dies (then raise, committing nothing more)."""
@@ -56,7 +65,12 @@ class Worker:
             self._consumer = consumer
             log.info("worker for model %s consuming %s (up to %d in flight)",
                      self.model, self._topics.model(self.model), self._max_in_flight)
-            await self._consume(consumer, Outcomes(producer, self._topics), stop)
+            reporting = asyncio.create_task(self._report_health(producer, stop))
+            try:
+                await self._consume(consumer, Outcomes(producer, self._topics), stop)
+            finally:
+                reporting.cancel()
+                await asyncio.gather(reporting, return_exceptions=True)
         if self._fatal is not None:
             raise self._fatal
 
@@ -142,6 +156,42 @@ class Worker:
         await self._memory.answered(routed, len(waiters))
 
     async def _run(self, routed: RoutedRequest):
+        started = time.monotonic()
+        result, cost = await self._execute(routed)
+        if result.status in (Status.ok, Status.failed):
+            self._finished.append((time.monotonic(), int((time.monotonic() - started) * 1000),
+                                   result.status == Status.failed))
+        return result, cost
+
+    def health(self, backlog: int) -> ModelHealth:
+        """This worker's report: the last HEALTH_WINDOW_S of finished requests and its load now."""
+        horizon = time.monotonic() - HEALTH_WINDOW_S
+        while self._finished and self._finished[0][0] < horizon:
+            self._finished.popleft()
+        latencies = sorted(latency for _, latency, _ in self._finished)
+        return ModelHealth(
+            model=self.model, worker=self._name, ts_ms=now_ms(), interval_s=self.health_interval_s,
+            window_s=HEALTH_WINDOW_S, requests=len(latencies), errors=sum(1 for *_, failed in self._finished if failed),
+            p95_latency_ms=latencies[int(0.95 * (len(latencies) - 1))] if latencies else None,
+            in_flight=len(self._tasks), capacity=self._max_in_flight, backlog=backlog,
+        )
+
+    async def _report_health(self, producer, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                backlog = 0
+                for tp in self._consumer.assignment():
+                    highwater = self._consumer.highwater(tp)
+                    if highwater is not None:
+                        backlog += max(0, highwater - await self._consumer.position(tp))
+                await producer.send(self._topics.health, encode(self.health(backlog)), key=self.model.encode())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a missed report must never stop the worker
+                log.warning("could not send a health report: %r", exc)
+            await asyncio.sleep(self.health_interval_s)
+
+    async def _execute(self, routed: RoutedRequest):
         request = routed.request
         taken_ms = now_ms()
         if request.deadline_unix_ms is not None and taken_ms > request.deadline_unix_ms:

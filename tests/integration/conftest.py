@@ -19,6 +19,7 @@ from services.router import train
 from services.router.classify import Classifier, Model
 from services.router.embed import Embedder
 from services.router.feed import PolicyFeed
+from services.router.health import HealthBoard
 from services.router.policy import load
 from services.router.limits import TenantLimiter
 from services.router.seen import ForwardedLog
@@ -40,7 +41,8 @@ POLICY = """
 version: "test-1"
 unknown_route: reject
 models:
-  small: {tier: small, price_in_usd_per_mtok: 0.15, price_out_usd_per_mtok: 0.60, max_context_tokens: 1024}
+  small: {tier: small, price_in_usd_per_mtok: 0.15, price_out_usd_per_mtok: 0.60, max_context_tokens: 1024,
+          max_error_rate: 0.5}
   # No worker serves "large": tests read what the router forwards to it off its topic.
   large: {tier: large, price_in_usd_per_mtok: 2.50, price_out_usd_per_mtok: 10.00, max_context_tokens: 1024}
 routes:
@@ -155,7 +157,7 @@ async def router(broker, redis_url, topics, policies, embedder, classifier_path)
     router = Router(bootstrap=broker, topics=topics, policies=await feed.start() or policies,
                     forwarded=ForwardedLog(redis), limiter=TenantLimiter(redis), feed=feed,
                     classifier=Classifier(Model.load(classifier_path), embedder), embedder=embedder,
-                    memory=Memory(redis), semantic=semantic)
+                    memory=Memory(redis), semantic=semantic, health=HealthBoard())
     stop = asyncio.Event()
     task = asyncio.create_task(router.run(stop))
     yield router

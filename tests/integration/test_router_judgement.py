@@ -4,12 +4,13 @@ answered once, exact and semantic caches, each with the books it leaves."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
 from aiokafka.structs import TopicPartition
 
-from schemas import CacheHit, InferenceRequest, RoutedRequest, Status
+from schemas import CacheHit, InferenceRequest, ModelHealth, RoutedRequest, Status
 from shared import kafka
 from shared.codec import decode, encode
 from shared.topics import request_key
@@ -149,3 +150,51 @@ async def test_the_semantic_cache_matches_meaning_within_a_tenant_and_whole_conv
                                   max_tokens=8)).cache_hit == CacheHit.none
     books = await wait_for_rows(store, "tenant = {t:String} AND cache_hit = 'semantic'", 1, {"t": me})
     assert books["records"] == 1 and books["cost_nano_usd"] == 0
+
+
+async def test_workers_report_health_and_the_router_skips_an_unhealthy_model(worker, router, client, broker, topics):
+    who = tenant()
+    # The real worker reports what it ran.
+    assert (await client.complete(tenant=who, route="chat", prompt="Name a fish.", max_tokens=4)).status == Status.ok
+    reader = kafka.consumer(broker, topics.health, group_id=None, auto_offset_reset="earliest")
+    await reader.start()
+    try:
+        seen: ModelHealth | None = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while loop.time() < deadline and not (seen and seen.requests >= 1):
+            for recs in (await reader.getmany(timeout_ms=500)).values():
+                for rec in recs:
+                    report = decode(ModelHealth, rec.value)
+                    if report.model == "small" and report.worker != "drill":
+                        seen = report
+    finally:
+        await reader.stop()
+    assert seen is not None and seen.requests >= 1 and seen.capacity >= 1 and seen.p95_latency_ms is not None
+
+    # A report that small is failing: the router skips it for the next model of the chain.
+    producer = kafka.producer(broker)
+    await producer.start()
+
+    async def drill(errors: int) -> None:
+        report = ModelHealth(model="small", worker="drill", ts_ms=int(time.time() * 1000), interval_s=30,
+                             window_s=60, requests=1000, errors=errors, in_flight=0, capacity=1, backlog=0)
+        await producer.send_and_wait(topics.health, encode(report), key=b"small")
+
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while "small" not in router.health.unhealthy(router.policies) and loop.time() < deadline:
+            await drill(errors=1000)
+            await asyncio.sleep(0.5)
+        easy = InferenceRequest(tenant=who, route="tiered", reply_to=client.reply_to, prompt="What is the capital of Chile?")
+        routed = (await forwarded_to(broker, topics, "large", [easy]))[easy.id]
+        assert "skipped small: error rate 100% is over 50%" in routed.reasons
+        assert routed.reasons[0].startswith("classifier") and routed.model == "large"
+    finally:
+        await drill(errors=0)  # healthy again, for the tests after this one
+        while "small" in router.health.unhealthy(router.policies):
+            await asyncio.sleep(0.2)
+        await producer.stop()
+    again = await client.complete(tenant=who, route="tiered", prompt="What is the capital of Chile?", max_tokens=4)
+    assert again.model == "small"

@@ -42,16 +42,18 @@ def _count_books(dsn: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-async def test_up_serves_requests_and_ctrl_c_stops_every_child(tmp_path, model_path):
+async def test_up_serves_requests_and_ctrl_c_stops_every_child(tmp_path, model_path, classifier_path):
     data_dir = tmp_path / "data"
     (data_dir / "models").mkdir(parents=True)
     (data_dir / "models" / "small").symlink_to(model_path)
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")}
-    env.update(SWITCHYARD_DATA_DIR=str(data_dir), SWITCHYARD_POLICY=str(policy), VLLM_LOGGING_LEVEL="WARNING")
+    env.update(SWITCHYARD_DATA_DIR=str(data_dir), SWITCHYARD_POLICY=str(policy), VLLM_LOGGING_LEVEL="WARNING",
+               SWITCHYARD_CLASSIFIER=str(classifier_path))
     log_path = tmp_path / "up.log"
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up"], cwd=ROOT, env=env,
+    # The test policy names a "large" model nobody serves here: run the small one only.
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up", "--models", "small"], cwd=ROOT, env=env,
                             stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
     try:
         state = _wait_for_state(data_dir / "stack.json", proc)
