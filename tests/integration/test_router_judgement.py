@@ -4,6 +4,7 @@ answered once, exact and semantic caches, each with the books it leaves."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 
@@ -189,7 +190,10 @@ async def test_workers_report_health_and_the_router_skips_an_unhealthy_model(wor
             await asyncio.sleep(0.5)
         easy = InferenceRequest(tenant=who, route="tiered", reply_to=client.reply_to, prompt="What is the capital of Chile?")
         routed = (await forwarded_to(broker, topics, "large", [easy]))[easy.id]
-        assert "skipped small: error rate 100% is over 50%" in routed.reasons
+        # The drill's 1000 failures, with the real worker's recent successes counted in.
+        rates = [int(m.group(1)) for r in routed.reasons
+                 if (m := re.fullmatch(r"skipped small: error rate (\d+)% is over 50%", r))]
+        assert rates and rates[0] > 50, routed.reasons
         assert routed.reasons[0].startswith("classifier") and routed.model == "large"
     finally:
         await drill(errors=0)  # healthy again, for the tests after this one
