@@ -36,19 +36,32 @@ INFLIGHT = b"inflight:"
 # A claim whose worker never completes (its request was lost) stops blocking re-runs after this.
 MAX_INFLIGHT_S = 300
 
+# Claims a batch in one call, in order: request i has KEYS[2i-1] (its key), KEYS[2i] (its waiters)
+# and ARGV[3i-2..3i] (its id, its JSON, the claim's TTL in ms). Returns, flat, (i, state, value)
+# for each request that is not claimed: 'waiting' with the first one's id, or 'done' with its result.
 _CLAIM = """
-local v = redis.call('GET', KEYS[1])
-if not v then
-  redis.call('SET', KEYS[1], 'inflight:' .. ARGV[1], 'PX', ARGV[3])
-  return {'claimed', ''}
+local out = {}
+for i = 1, #KEYS / 2 do
+  local key, waiters = KEYS[2 * i - 1], KEYS[2 * i]
+  local id, payload, ttl = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  local v = redis.call('GET', key)
+  if not v then
+    redis.call('SET', key, 'inflight:' .. id, 'PX', ttl)
+  elseif string.sub(v, 1, 9) == 'inflight:' then
+    if string.sub(v, 10) ~= id then
+      redis.call('RPUSH', waiters, payload)
+      redis.call('PEXPIRE', waiters, ttl)
+      out[#out + 1] = i
+      out[#out + 1] = 'waiting'
+      out[#out + 1] = string.sub(v, 10)
+    end
+  else
+    out[#out + 1] = i
+    out[#out + 1] = 'done'
+    out[#out + 1] = v
+  end
 end
-if string.sub(v, 1, 9) == 'inflight:' then
-  if string.sub(v, 10) == ARGV[1] then return {'claimed', ''} end
-  redis.call('RPUSH', KEYS[2], ARGV[2])
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-  return {'waiting', string.sub(v, 10)}
-end
-return {'done', v}
+return out
 """
 
 _COMPLETE = """
@@ -121,31 +134,28 @@ class Memory:
         self.degraded = False
 
     async def claim(self, requests: list[tuple[InferenceRequest, int]]) -> list[Claim]:
-        """Claim (request, window seconds) pairs in one round trip. Without Redis, everything is claimed."""
+        """Claim (request, window seconds) pairs in one script call, in order. Without Redis, everything
+        is claimed."""
         if not requests:
             return []
+        keys, args = [], []
+        for request, window_s in requests:
+            key = idempotency_key(request)
+            keys += [key, key + ":waiters"]
+            args += [request.id, orjson.dumps(request.model_dump(mode="json")), 1000 * min(window_s, MAX_INFLIGHT_S)]
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for request, window_s in requests:
-                    key = idempotency_key(request)
-                    ttl_ms = 1000 * min(window_s, MAX_INFLIGHT_S)
-                    await self._claim(keys=[key, key + ":waiters"],
-                                      args=[request.id, orjson.dumps(request.model_dump(mode="json")), ttl_ms],
-                                      client=pipe)
-                replies = await pipe.execute()
+            replies = await self._claim(keys=keys, args=args)
         except RedisError as exc:
             self._degrade(exc)
             return [Claim("claimed")] * len(requests)
         self.degraded = False
-        claims = []
-        for state, value in replies:
-            state = state.decode()
+        claims = [Claim("claimed")] * len(requests)
+        for k in range(0, len(replies), 3):
+            i, state, value = int(replies[k]) - 1, replies[k + 1].decode(), replies[k + 2]
             if state == "done":
-                claims.append(Claim("done", first=InferenceResult.model_validate_json(value)))
-            elif state == "waiting":
-                claims.append(Claim("waiting", first_id=value.decode()))
+                claims[i] = Claim("done", first=InferenceResult.model_validate_json(value))
             else:
-                claims.append(Claim("claimed"))
+                claims[i] = Claim("waiting", first_id=value.decode())
         return claims
 
     async def exact(self, keys: list[str]) -> list[InferenceResult | None]:

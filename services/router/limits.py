@@ -2,7 +2,7 @@
 
 Fixed one-minute windows; a request is admitted only if both its count and its tokens (the
 estimated input plus the capped max_tokens, reserved up front) fit, and only an admitted
-request is counted, atomically, in one Lua call. Without Redis the router admits everything
+request is counted, atomically, in one Lua call per batch. Without Redis the router admits everything
 and says so in its log: limits are a guard, not a reason to stop serving.
 """
 
@@ -22,17 +22,32 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "switchyard:limit:"
 WINDOW_S = 60
 
+# Admits a batch in one call, in order, each ask seeing the counts of those before it: ask i has
+# KEYS[2i-1] (its requests counter), KEYS[2i] (its tokens counter) and ARGV[3i-1..3i+1] (max
+# requests, max tokens, its tokens); ARGV[1] is the counters' TTL. Returns, flat, (i, why) for each
+# ask refused: 1 over the request limit, 2 over the token limit.
 _ADMIT = """
-local requests = tonumber(redis.call('GET', KEYS[1]) or '0')
-local tokens = tonumber(redis.call('GET', KEYS[2]) or '0')
-local max_requests, max_tokens, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-if max_requests >= 0 and requests + 1 > max_requests then return 1 end
-if max_tokens >= 0 and tokens + n > max_tokens then return 2 end
-redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('INCRBY', KEYS[2], n)
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-return 0
+local ttl = ARGV[1]
+local out = {}
+for i = 1, #KEYS / 2 do
+  local requests_key, tokens_key = KEYS[2 * i - 1], KEYS[2 * i]
+  local max_requests, max_tokens, n = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+  local requests = tonumber(redis.call('GET', requests_key) or '0')
+  local tokens = tonumber(redis.call('GET', tokens_key) or '0')
+  if max_requests >= 0 and requests + 1 > max_requests then
+    out[#out + 1] = i
+    out[#out + 1] = 1
+  elseif max_tokens >= 0 and tokens + n > max_tokens then
+    out[#out + 1] = i
+    out[#out + 1] = 2
+  else
+    redis.call('INCR', requests_key)
+    redis.call('EXPIRE', requests_key, ttl)
+    redis.call('INCRBY', tokens_key, n)
+    redis.call('EXPIRE', tokens_key, ttl)
+  end
+end
+return out
 """
 
 
@@ -59,22 +74,21 @@ class TenantLimiter:
                    if ask[2].requests_per_minute is not None or ask[2].tokens_per_minute is not None]
         if not limited:
             return verdicts
+        keys, args = [], [WINDOW_S * 2]
+        for _, (tenant, tokens, limits) in limited:
+            base = f"{KEY_PREFIX}{tenant}:{window}"
+            keys += [f"{base}:requests", f"{base}:tokens"]
+            args += [_or_unlimited(limits.requests_per_minute), _or_unlimited(limits.tokens_per_minute), tokens]
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for _, (tenant, tokens, limits) in limited:
-                    base = f"{KEY_PREFIX}{tenant}:{window}"
-                    await self._admit(keys=[f"{base}:requests", f"{base}:tokens"],
-                                      args=[_or_unlimited(limits.requests_per_minute),
-                                            _or_unlimited(limits.tokens_per_minute), tokens, WINDOW_S * 2],
-                                      client=pipe)
-                answers = await pipe.execute()
+            answers = await self._admit(keys=keys, args=args)
         except RedisError as exc:
             if not self.degraded:
                 log.warning("Redis unavailable, admitting every request without tenant limits: %s", exc)
             self.degraded = True
             return verdicts
         self.degraded = False
-        for (i, (tenant, tokens, limits)), answer in zip(limited, answers):
+        for k in range(0, len(answers), 2):
+            (i, (tenant, tokens, limits)), answer = limited[int(answers[k]) - 1], int(answers[k + 1])
             if answer == 1:
                 verdicts[i] = Refusal(f"tenant {tenant!r} is over its {limits.requests_per_minute} requests "
                                       "per minute", retry_after_ms)

@@ -18,6 +18,14 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "switchyard:routed:"
 
+# Records a batch in one call: KEYS[i] gets ARGV[i + 1] unless it has a value; ARGV[1] is the TTL in s.
+_RECORD = """
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[1], 'NX')
+end
+return #KEYS
+"""
+
 
 def content_digest(value: bytes) -> str:
     return hashlib.blake2b(value, digest_size=12).hexdigest()
@@ -27,6 +35,7 @@ class ForwardedLog:
     def __init__(self, redis: Redis, window_s: int = 24 * 3600):
         self._redis = redis
         self._window_s = window_s
+        self._record = redis.register_script(_RECORD)
         self.degraded = False
 
     @staticmethod
@@ -50,10 +59,8 @@ class ForwardedLog:
         if not entries:
             return
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for tenant, request_id, digest in entries:
-                    pipe.set(self._key(tenant, request_id), digest, ex=self._window_s, nx=True)
-                await pipe.execute()
+            await self._record(keys=[self._key(tenant, request_id) for tenant, request_id, _ in entries],
+                               args=[self._window_s, *(digest for _, _, digest in entries)])
         except RedisError as exc:
             self._degrade(exc)
 

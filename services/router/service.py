@@ -85,10 +85,10 @@ class Router:
         following = watching = None
         try:
             for priority in Priority:
-                consumer = kafka.consumer(self._bootstrap, self._topics.requests(priority),
-                                          group_id=f"{self._group_id}.{priority.value}")
-                await consumer.start()
-                consumers[priority] = consumer
+                consumers[priority] = kafka.consumer(self._bootstrap, self._topics.requests(priority),
+                                                     group_id=f"{self._group_id}.{priority.value}")
+            # Started together: each joins its group (seconds on some brokers) at the same time.
+            await asyncio.gather(*(c.start() for c in consumers.values()))
             log.info("router consuming %s with policy version %s (routes: %s)",
                      ", ".join(self._topics.all_requests), self.policies.version, ", ".join(self.policies.routes))
             following = asyncio.create_task(self._feed.follow(self.apply_policy, stop)) if self._feed else None
