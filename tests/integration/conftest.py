@@ -160,6 +160,7 @@ async def router(broker, redis_url, topics, policies, embedder, classifier_path)
                     memory=Memory(redis), semantic=semantic, health=HealthBoard())
     stop = asyncio.Event()
     task = asyncio.create_task(router.run(stop))
+    router.task = task  # tests check it is still running
     yield router
     stop.set()
     await task
