@@ -3,14 +3,14 @@
 from schemas._base import SCHEMA_VERSION
 from schemas.cost import CostRecord
 from schemas.health import ModelHealth
-from schemas.policy import CachePolicy, ModelPrice, ModelSpec, PolicySet, RoutePolicy, TenantLimits
+from schemas.policy import CachePolicy, ModelPrice, ModelSpec, PolicySet, ProviderSpec, RoutePolicy, TenantLimits
 from schemas.request import ChatMessage, InferenceRequest, Priority, Sampling, new_request_id, now_ms
-from schemas.result import CacheHit, ErrorInfo, InferenceResult, Latency, Status
-from schemas.routed import DeadLetter, Memo, RoutedRequest
+from schemas.result import CacheHit, ErrorInfo, InferenceResult, Latency, Status, StreamDelta
+from schemas.routed import DeadLetter, Hop, Memo, RoutedRequest
 
 # Each of these is exported as schemas/json/<Name>.schema.json for producers in other languages.
 EXPORTED = (InferenceRequest, InferenceResult, CostRecord, RoutePolicy, PolicySet, RoutedRequest, DeadLetter,
-            ModelHealth)
+            ModelHealth, StreamDelta)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -21,6 +21,7 @@ __all__ = [
     "CostRecord",
     "DeadLetter",
     "ErrorInfo",
+    "Hop",
     "InferenceRequest",
     "InferenceResult",
     "Latency",
@@ -29,11 +30,13 @@ __all__ = [
     "ModelPrice",
     "ModelSpec",
     "PolicySet",
+    "ProviderSpec",
     "Priority",
     "RoutePolicy",
     "RoutedRequest",
     "Sampling",
     "Status",
+    "StreamDelta",
     "TenantLimits",
     "new_request_id",
     "now_ms",

@@ -19,3 +19,8 @@ class ModelHealth(Message):
     in_flight: int = Field(ge=0)
     capacity: int = Field(ge=1, description="How many requests it runs at once at most.")
     backlog: int = Field(ge=0, description="Requests waiting on its partitions, not yet taken.")
+    partition_backlog: dict[int, int] = Field(default_factory=dict, description=(
+        "Per partition of the model topic this worker owns: requests waiting. The router spills hot prefixes by it."))
+    kv_usage: float | None = Field(default=None, ge=0, le=1, description="Share of the engine's KV cache in use.")
+    prefix_hit_rate: float | None = Field(default=None, ge=0, le=1, description=(
+        "Prompt tokens served from the prefix cache, as a share of prompt tokens, over the window."))

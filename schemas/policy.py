@@ -23,6 +23,18 @@ class ModelPrice(WireModel):
         return tokens_in * self.in_nano_usd_per_token + tokens_out * self.out_nano_usd_per_token
 
 
+class ProviderSpec(WireModel):
+    """An external model behind an HTTP API: a provider worker serves it instead of a vLLM engine."""
+
+    api: Literal["openai", "anthropic"] = Field(description=(
+        "openai: any OpenAI-compatible /v1/chat/completions; anthropic: the Messages API /v1/messages."))
+    base_url: str = Field(min_length=1, max_length=512, description="Up to the version, e.g. https://host/v1.")
+    model: str = Field(min_length=1, max_length=256, description="The provider's name for the model.")
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]{0,127}$", description=(
+        "Environment variable holding the API key; keys never travel in messages or policies."))
+    timeout_s: float = Field(default=60.0, gt=0, le=600, description="Per call; past it the request moves on down the chain.")
+
+
 class ModelSpec(WireModel):
     tier: str = Field(pattern=NAME_PATTERN, description="One of the policy's tiers: what the model is good for.")
     price_in_usd_per_mtok: Decimal = Field(ge=0, description="USD per 1M prompt tokens, at most 3 decimals.")
@@ -36,6 +48,10 @@ class ModelSpec(WireModel):
         "Skip the model while this share of its recent requests fail (judged on 10 or more)."))
     max_backlog: int | None = Field(default=None, ge=0, description=(
         "Skip the model while every worker is full and more than this many requests wait for it."))
+    spill_backlog: int = Field(default=8, ge=0, description=(
+        "Prefix affinity gives way when the conversation's partition has more than this many requests "
+        "waiting: the request goes to the partition with the least waiting instead."))
+    provider: ProviderSpec | None = Field(default=None, description="Set for a model served by an external API.")
 
     @field_validator("price_in_usd_per_mtok", "price_out_usd_per_mtok")
     @classmethod
@@ -76,6 +92,9 @@ class RoutePolicy(WireModel):
     allow_escalation: bool = Field(default=False, description="Whether 'escalate: true' may send a request to the route's strongest tier.")
     max_cost_usd: Decimal | None = Field(default=None, gt=0, description="Cost ceiling per request: models whose worst case is dearer are skipped.")
     cache: CachePolicy = Field(default_factory=CachePolicy, description="Off unless the route opts in.")
+    escalate_below_confidence: float | None = Field(default=None, gt=0, lt=1, description=(
+        "An answer whose confidence (the geometric mean of its tokens' probabilities) is below this goes "
+        "on to the next stronger model of the route; off when unset."))
     idempotency_window_s: int = Field(default=600, ge=0, le=7 * 86400, description=(
         "A repeat (same idempotency_key, or same content from the same tenant) within this window gets the "
         "first result instead of running again; 0 turns it off."))

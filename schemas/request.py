@@ -76,6 +76,7 @@ class InferenceRequest(Message):
     max_cost_nano_usd: int | None = Field(default=None, ge=0, le=I64)
     idempotency_key: str | None = Field(default=None, max_length=256)
     reply_to: str = Field(pattern=NAME_PATTERN, description="Results go to the reply topic of this name.")
+    stream: bool = Field(default=False, description="Publish token deltas on the reply topic before the result.")
     prefix_key: str | None = Field(default=None, max_length=256, description="Session key: requests sharing it share a worker and its KV cache.")
     created_at_ms: int = Field(default_factory=now_ms, ge=EARLIEST_MS, le=LATEST_MS, description="Unix ms, set by the producer.")
 

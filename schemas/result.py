@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Literal
 
 from pydantic import Field
 
@@ -37,6 +38,7 @@ class Latency(WireModel):
 
 
 class InferenceResult(Message):
+    kind: Literal["result"] = Field(default="result", description="Tells a result from a StreamDelta on a reply topic.")
     request_id: str
     tenant: str
     route: str
@@ -55,3 +57,18 @@ class InferenceResult(Message):
     route_reasons: list[str] = Field(default_factory=list, description="Why the router chose this model.")
     replay_of: str | None = Field(default=None, description="For a cache hit or repeat: the request whose result this is.")
     error: ErrorInfo | None = None
+
+
+class StreamDelta(Message):
+    """Text a streaming request has produced so far, sent on its reply topic before the result.
+
+    Deltas of one request come in order (they share its partition); `seq` counts from 0. The
+    InferenceResult that follows is the whole answer: a client that lost a delta loses nothing."""
+
+    kind: Literal["delta"] = "delta"
+    request_id: str
+    seq: int = Field(ge=0)
+    text: str
+    model: str | None = None
+    attempt: int = Field(default=0, ge=0, description=(
+        "Which attempt produced it: deltas of a higher attempt (after an escalation or fallback) start the text anew."))

@@ -21,6 +21,15 @@ class Memo(WireModel):
     embedding: str | None = Field(default=None, description="The conversation's embedding: base64 of float16 values.")
 
 
+class Hop(WireModel):
+    """A model further down the chain: where the request goes if this one fails or is not confident."""
+
+    model: str
+    tier: str
+    rank: int = Field(ge=0, description="The tier's place in the policy's tiers: higher is stronger.")
+    price: ModelPrice
+
+
 class RoutedRequest(Message):
     """A request with the router's decision stamped on it, so the worker bills at the prices in force."""
 
@@ -30,7 +39,12 @@ class RoutedRequest(Message):
     policy_version: str
     received_at_ms: int = Field(ge=0, description="When the router took the request off its topic.")
     attempt: int = Field(default=0, ge=0)
-    fallbacks: list[str] = Field(default_factory=list, description="Models to try next, in order, if this one cannot serve.")
+    fallbacks: list[Hop] = Field(default_factory=list, description="Models to try next, in order, if this one cannot serve.")
+    rank: int = Field(default=0, ge=0, description="The tier rank of `model`.")
+    escalate_below: float | None = Field(default=None, gt=0, lt=1, description=(
+        "The route's confidence threshold: a weaker answer goes on to the next stronger fallback."))
+    escalation_path: list[str] = Field(default_factory=list, description="Models that ran it before this one, in order.")
+    prefix_hash: str | None = Field(default=None, description="The stable-prefix hash the router keyed it by.")
     tier: str | None = Field(default=None, description="The tier the router judged the request to need.")
     reasons: list[str] = Field(default_factory=list, description="Why this model; the worker copies them onto the result.")
     memo: Memo | None = None

@@ -14,6 +14,9 @@ class SwitchyardError(Exception):
     # True when the caller sent something wrong: dead-letter it and answer with an error,
     # never retry. False: the platform failed, retry (if retriable) and alert.
     caller_fault = False
+    # True when another model of the route's chain may well serve the request: the worker
+    # hands it to the next fallback instead of answering with this error.
+    moves_on = False
 
 
 class InputError(SwitchyardError):
@@ -71,6 +74,28 @@ class EngineDead(SwitchyardError):
 
     code = "engine_dead"
     fatal = True
+
+
+class ProviderUnavailable(SwitchyardError):
+    """An external model API refused or failed the call (429, 5xx, timeout, connection): the
+    request moves on to the next model of its chain rather than retrying the same endpoint."""
+
+    code = "provider_unavailable"
+    retriable = True
+    moves_on = True
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after_ms: int | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.retry_after_ms = retry_after_ms
+
+
+class ProviderRejected(SwitchyardError):
+    """An external model API refused the request itself (4xx other than 429): its fault is in the
+    request or the configuration, so another try would fail the same way."""
+
+    code = "provider_rejected"
 
 
 class DependencyUnavailable(SwitchyardError):

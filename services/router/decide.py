@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-from schemas import InferenceRequest, PolicySet, RoutedRequest, RoutePolicy, now_ms
+from schemas import Hop, InferenceRequest, PolicySet, RoutedRequest, RoutePolicy, now_ms
+from shared.prefix import prefix_hash
 from shared.errors import EscalationNotAllowed, InputError, InputTooLarge, UnknownRoute
 
 NANO_USD_PER_USD = 10**9
@@ -53,6 +54,11 @@ def admit(request: InferenceRequest, policies: PolicySet, tokens_in: int) -> Rou
 
 def tiers_of(policy: RoutePolicy, policies: PolicySet) -> set[int]:
     return {policies.tier_rank(m) for m in policy.models}
+
+
+def hop(model: str, policies: PolicySet) -> Hop:
+    spec = policies.models[model]
+    return Hop(model=model, tier=spec.tier, rank=policies.tier_rank(model), price=spec.price)
 
 
 def decide(request: InferenceRequest, policies: PolicySet, *, tokens_in: int | None = None, hard: bool = False,
@@ -116,6 +122,9 @@ def decide(request: InferenceRequest, policies: PolicySet, *, tokens_in: int | N
         price=policies.models[chosen].price,
         policy_version=policies.version,
         received_at_ms=now_ms(),
-        fallbacks=[model for _, model in candidates[1:]],
+        fallbacks=[hop(model, policies) for _, model in candidates[1:]],
+        rank=policies.tier_rank(chosen),
+        escalate_below=policy.escalate_below_confidence,
+        prefix_hash=prefix_hash(request),
         reasons=why,
     )
