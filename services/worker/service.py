@@ -16,8 +16,10 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from schemas import CacheHit, InferenceResult, Latency, ModelHealth, RoutedRequest, Status, now_ms
-from services.worker.engine import Engine
+from schemas import (CacheHit, ErrorInfo, InferenceResult, Latency, ModelHealth, RoutedRequest, Status, StreamDelta,
+                     now_ms)
+from services.worker.engine import Backend
+from services.worker.ledger import Ledger, Outcome, Sent
 from services.worker.offsets import OffsetTracker
 from shared import kafka
 from shared import semantic
@@ -25,7 +27,7 @@ from shared.codec import decode, encode
 from shared.memory import Memory, replay
 from shared.errors import SwitchyardError, UndecodableMessage
 from shared.outcomes import Outcomes, cost_record, delivered, error_result
-from shared.topics import Topics
+from shared.topics import Topics, cost_key, reply_key
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +38,15 @@ HEALTH_WINDOW_S = 60.0
 class Worker:
     """One consumer in group `worker.<model>`, driving one engine."""
 
-    def __init__(self, *, model: str, engine: Engine, bootstrap: str, topics: Topics,
+    def __init__(self, *, model: str, engine: Backend, bootstrap: str, topics: Topics,
                  max_in_flight: int = 64, commit_interval_s: float = 0.5, drain_grace_s: float = 30.0,
                  redis: Redis | None = None):
         self.model = model
         self._redis = redis
         self._memory = Memory(redis) if redis is not None else None
+        self._ledger = Ledger(redis) if redis is not None else None
+        self.replayed = 0  # redelivered requests answered from the ledger
+        self.handed_on = 0  # attempts handed to the next model (fallback or escalation)
         self._engine = engine
         self._bootstrap = bootstrap
         self._topics = topics
@@ -53,7 +58,8 @@ class Worker:
         self._tasks: dict[asyncio.Task, TopicPartition] = {}
         self._consumer = None
         self._fatal: BaseException | None = None
-        self._finished: deque[tuple[float, int, bool]] = deque()  # (monotonic s, latency ms, failed)
+        # (monotonic s, latency ms, failed, prompt tokens, of them from the prefix cache)
+        self._finished: deque[tuple[float, int, bool, int, int]] = deque()
         self.health_interval_s = HEALTH_INTERVAL_S
         self._name = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -135,10 +141,78 @@ class Worker:
         except UndecodableMessage as exc:
             await delivered(outcomes.dead_letter(record, exc.code, str(exc)))
             return
-        result, cost = await self._run(routed)
-        await delivered(outcomes.finish(routed.request, result, cost))
-        if routed.memo is not None and self._memory is not None:
+        request = routed.request
+        outcome = await self._ledger.get(request.id, routed.attempt) if self._ledger is not None else None
+        if outcome is not None:
+            # Redelivered after this attempt had ended (its worker died or lost the partition
+            # before committing): answer from the record, run nothing, bill nothing new.
+            log.info("request %s attempt %d ended before; sending its recorded outcome again",
+                     request.id, routed.attempt)
+            self.replayed += 1
+        else:
+            outcome = await self._attempt(routed, outcomes)
+            if self._ledger is not None:
+                await self._ledger.put(request.id, routed.attempt, outcome)
+        await delivered(self._send_all(outcomes, outcome.messages))
+        if outcome.final and routed.memo is not None and self._memory is not None:
+            result = decode(InferenceResult, outcome.messages[0].value)
             await self._remember(routed, result, outcomes)
+
+    @staticmethod
+    async def _send_all(outcomes: Outcomes, messages: list[Sent]) -> list[asyncio.Future]:
+        return [await outcomes.send(m.topic, m.value, m.key) for m in messages]
+
+    async def _attempt(self, routed: RoutedRequest, outcomes: Outcomes) -> Outcome:
+        """Run this attempt and say how it ends: answered here, or handed to the next model."""
+        request = routed.request
+        on_text = self._streamer(routed, outcomes) if request.stream else None
+        result, cost, moves_on = await self._run(routed, on_text)
+        hop, why = self._next_hop(routed, result, moves_on)
+        if hop is None:
+            return Outcome(final=True, messages=[
+                Sent(self._topics.replies(request.reply_to), reply_key(request.id), encode(result)),
+                Sent(self._topics.costs, cost_key(request.id), encode(cost)),
+            ])
+        index = routed.fallbacks.index(hop)
+        onward = routed.model_copy(update={
+            "model": hop.model, "price": hop.price, "rank": hop.rank, "attempt": routed.attempt + 1,
+            "fallbacks": routed.fallbacks[index + 1:], "escalation_path": [*routed.escalation_path, self.model],
+            "reasons": [*routed.reasons, why],
+        })
+        log.info("request %s: %s; handing it to %s", request.id, why, hop.model)
+        self.handed_on += 1
+        return Outcome(final=False, messages=[
+            Sent(self._topics.model(hop.model), (routed.prefix_hash or request.id).encode(), encode(onward)),
+            Sent(self._topics.costs, cost_key(request.id), encode(cost)),
+        ])
+
+    def _next_hop(self, routed: RoutedRequest, result: InferenceResult, moves_on: bool):
+        """The fallback that should take the request after this attempt, and why; (None, "") for none."""
+        if moves_on and routed.fallbacks:
+            code = result.error.code if result.error else result.status.value
+            return routed.fallbacks[0], f"{self.model} failed ({code}): moved on to the next model"
+        threshold = routed.escalate_below
+        if (result.status == Status.ok and threshold is not None and result.confidence is not None
+                and result.confidence < threshold):
+            stronger = next((h for h in routed.fallbacks if h.rank > routed.rank), None)
+            if stronger is not None:
+                return stronger, (f"escalated: confidence {result.confidence:.3f} from {self.model} "
+                                  f"is below the route's {threshold}")
+        return None, ""
+
+    def _streamer(self, routed: RoutedRequest, outcomes: Outcomes):
+        """Publishes the text as it comes on the reply topic, keyed like the result so it comes first."""
+        request = routed.request
+        topic, key = self._topics.replies(request.reply_to), reply_key(request.id)
+        seq = 0
+
+        async def on_text(text: str) -> None:
+            nonlocal seq
+            delta = StreamDelta(request_id=request.id, seq=seq, text=text, model=self.model, attempt=routed.attempt)
+            seq += 1
+            await outcomes.send(topic, encode(delta), key)  # best effort: the result carries the whole text
+
+        return on_text
 
     async def _remember(self, routed: RoutedRequest, result: InferenceResult, outcomes: Outcomes) -> None:
         """Store the result for repeats and caches, and answer the repeats that waited for it."""
@@ -155,35 +229,39 @@ class Worker:
             await delivered(outcomes.finish(waiter, answer, cost_record(waiter, answer)))
         await self._memory.answered(routed, len(waiters))
 
-    async def _run(self, routed: RoutedRequest):
+    async def _run(self, routed: RoutedRequest, on_text=None):
         started = time.monotonic()
-        result, cost = await self._execute(routed)
+        result, cost, moves_on = await self._execute(routed, on_text)
         if result.status in (Status.ok, Status.failed):
             self._finished.append((time.monotonic(), int((time.monotonic() - started) * 1000),
-                                   result.status == Status.failed))
-        return result, cost
+                                   result.status == Status.failed, result.tokens_in, result.cached_tokens))
+        return result, cost, moves_on
 
-    def health(self, backlog: int) -> ModelHealth:
+    def health(self, partition_backlog: dict[int, int]) -> ModelHealth:
         """This worker's report: the last HEALTH_WINDOW_S of finished requests and its load now."""
         horizon = time.monotonic() - HEALTH_WINDOW_S
         while self._finished and self._finished[0][0] < horizon:
             self._finished.popleft()
-        latencies = sorted(latency for _, latency, _ in self._finished)
+        latencies = sorted(entry[1] for entry in self._finished)
+        prompt_tokens = sum(entry[3] for entry in self._finished)
+        load = self._engine.load()
         return ModelHealth(
             model=self.model, worker=self._name, ts_ms=now_ms(), interval_s=self.health_interval_s,
-            window_s=HEALTH_WINDOW_S, requests=len(latencies), errors=sum(1 for *_, failed in self._finished if failed),
+            window_s=HEALTH_WINDOW_S, requests=len(latencies), errors=sum(1 for e in self._finished if e[2]),
             p95_latency_ms=latencies[int(0.95 * (len(latencies) - 1))] if latencies else None,
-            in_flight=len(self._tasks), capacity=self._max_in_flight, backlog=backlog,
+            in_flight=len(self._tasks), capacity=self._max_in_flight, backlog=sum(partition_backlog.values()),
+            partition_backlog=partition_backlog, kv_usage=load.get("kv_usage"),
+            prefix_hit_rate=sum(entry[4] for entry in self._finished) / prompt_tokens if prompt_tokens else None,
         )
 
     async def _report_health(self, producer, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                backlog = 0
+                backlog = {}
                 for tp in self._consumer.assignment():
                     highwater = self._consumer.highwater(tp)
                     if highwater is not None:
-                        backlog += max(0, highwater - await self._consumer.position(tp))
+                        backlog[tp.partition] = max(0, highwater - await self._consumer.position(tp))
                 await producer.send(self._topics.health, encode(self.health(backlog)), key=self.model.encode())
             except asyncio.CancelledError:
                 raise
@@ -191,29 +269,32 @@ class Worker:
                 log.warning("could not send a health report: %r", exc)
             await asyncio.sleep(self.health_interval_s)
 
-    async def _execute(self, routed: RoutedRequest):
+    async def _execute(self, routed: RoutedRequest, on_text=None):
+        """Run the request on the backend: (result, cost record, whether the next model should take it)."""
         request = routed.request
         taken_ms = now_ms()
         if request.deadline_unix_ms is not None and taken_ms > request.deadline_unix_ms:
             result = error_result(request, Status.expired, "deadline_passed",
                                   "the request's deadline passed before a worker took it")
-            return result, cost_record(request, result, attempt=routed.attempt)
+            return self._stamp(result, routed), cost_record(request, result, attempt=routed.attempt), False
         try:
-            prompt_ids = self._engine.render(request)
-            done = await self._engine.complete(request.id, prompt_ids, request, request.sampling.max_tokens)
+            done = await self._engine.run(request, request_id=f"{request.id}:{routed.attempt}",
+                                          max_tokens=request.sampling.max_tokens,
+                                          deadline_ms=request.deadline_unix_ms, on_text=on_text)
         except SwitchyardError as exc:
             if exc.fatal:
                 raise
             status = Status.rejected if exc.caller_fault else Status.failed
-            result = error_result(request, status, exc.code, str(exc), retriable=exc.retriable)
-            result = result.model_copy(update={"model": self.model})
-            return result, cost_record(request, result, attempt=routed.attempt)
+            result = error_result(request, status, exc.code, str(exc), retriable=exc.retriable,
+                                  retry_after_ms=getattr(exc, "retry_after_ms", None))
+            result = self._stamp(result.model_copy(update={"model": self.model}), routed)
+            return result, cost_record(request, result, attempt=routed.attempt), exc.moves_on
         finished_ms = now_ms()
         result = InferenceResult(
             request_id=request.id,
             tenant=request.tenant,
             route=request.route,
-            status=Status.ok,
+            status=Status.expired if done.expired else Status.ok,
             output=done.text,
             finish_reason=done.finish_reason,
             model=self.model,
@@ -225,12 +306,21 @@ class Worker:
                 ttft_ms=done.ttft_ms,
                 total_ms=max(0, finished_ms - request.created_at_ms),
             ),
-            escalation_path=[self.model],
-            tier=routed.tier,
-            route_reasons=routed.reasons,
+            confidence=done.confidence,
+            error=ErrorInfo(code="deadline_passed", message=(
+                f"the deadline passed during generation; stopped after {done.tokens_out} tokens")) if done.expired else None,
         )
+        result = self._stamp(result, routed)
+        # What ran is billed, also when the deadline cut it short.
         cost = routed.price.cost_nano_usd(done.tokens_in, done.tokens_out)
-        return result, cost_record(request, result, cost_nano_usd=cost, attempt=routed.attempt)
+        return result, cost_record(request, result, cost_nano_usd=cost, attempt=routed.attempt), False
+
+    def _stamp(self, result: InferenceResult, routed: RoutedRequest) -> InferenceResult:
+        """What every result of this attempt carries from the routing: tier, reasons, the models so far."""
+        return result.model_copy(update={
+            "tier": routed.tier, "route_reasons": routed.reasons,
+            "escalation_path": [*routed.escalation_path, self.model],
+        })
 
 
 class _CommitOnRevoke(ConsumerRebalanceListener):
