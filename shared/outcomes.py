@@ -91,13 +91,21 @@ class Outcomes:
     def __init__(self, producer: AIOKafkaProducer, topics: Topics):
         self._producer = producer
         self._topics = topics
+        self._partitions: dict[str, int] = {}
 
-    async def send(self, topic: str, value: bytes, key: bytes | None) -> asyncio.Future:
+    async def partitions(self, topic: str) -> int:
+        """How many partitions `topic` has (from the producer's metadata, fetched once)."""
+        count = self._partitions.get(topic)
+        if count is None:
+            count = self._partitions[topic] = len(await self._producer.partitions_for(topic))
+        return count
+
+    async def send(self, topic: str, value: bytes, key: bytes | None, *, partition: int | None = None) -> asyncio.Future:
         """Queue one message. Never raises: a send that fails at once (unknown topic, too large)
         comes back as a failed future, like one the broker refuses later, so the caller
         decides per message instead of losing its whole batch."""
         try:
-            return await self._producer.send(topic, value, key=key)
+            return await self._producer.send(topic, value, key=key, partition=partition)
         except KafkaError as exc:
             failed = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)

@@ -23,6 +23,7 @@ from aiokafka.structs import ConsumerRecord
 from schemas import CacheHit, InferenceRequest, Memo, PolicySet, Priority, RoutedRequest, RoutePolicy, Status, now_ms
 from services.router import metrics
 from services.router.classify import HARD, Classifier, Verdict, rules
+from services.router.affinity import Affinity
 from services.router.decide import admit, decide, estimate_tokens, tiers_of
 from services.router.embed import asked_text, asked_tokens, conversation_text
 from services.router.feed import PolicyFeed
@@ -35,7 +36,6 @@ from shared.codec import decode, encode
 from shared.errors import InputError, UndecodableMessage
 from shared.memory import Memory, cache_namespace, content_hash, exact_key, idempotency_key, replay
 from shared.outcomes import Outcomes, cost_record, error_result
-from shared.prefix import prefix_hash
 from shared.semantic import SemanticIndex, pack
 from shared.topics import Topics
 
@@ -68,6 +68,7 @@ class Router:
             log.warning("no embedder: routes with a semantic cache are served without it")
         self._min_share = min_share
         self.health = health
+        self._affinity = Affinity(health)
         self.lanes: Lanes | None = None
         self.counts: Counter[str] = Counter()
 
@@ -219,7 +220,13 @@ class Router:
                 answers.append(_Answer(p.record, None, await outcomes.dead_letter(
                     p.record, "unencodable", f"the routed request cannot be encoded: {exc}")))
                 continue
-            sent = await outcomes.send(self._topics.model(routed.model), value, prefix_hash(request).encode())
+            topic = self._topics.model(routed.model)
+            partition, spilled = self._affinity.choose(routed.model, routed.prefix_hash.encode(),
+                                                       await outcomes.partitions(topic),
+                                                       self.policies.models[routed.model].spill_backlog)
+            if spilled:
+                self.counts["spilled"] += 1
+            sent = await outcomes.send(topic, value, routed.prefix_hash.encode(), partition=partition)
             metrics.DECISION_SECONDS.observe(time.perf_counter() - taken)
             answers.append(_Answer(p.record, p.entry, [sent]))
 
