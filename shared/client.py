@@ -3,17 +3,24 @@
     async with Client("127.0.0.1:9092", reply_to="billing-svc") as client:
         result = await client.complete(tenant="acme", route="chat",
                                        messages=[{"role": "user", "content": "hi"}])
+
+        async for piece in client.stream(tenant="acme", route="chat",
+                                         messages=[{"role": "user", "content": "hi"}]):
+            ...  # StreamDelta pieces as the model writes, then the InferenceResult
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
+
+import orjson
 
 from aiokafka.structs import TopicPartition
 
-from schemas import ChatMessage, InferenceRequest, InferenceResult, Priority, Sampling
+from schemas import ChatMessage, InferenceRequest, InferenceResult, Priority, Sampling, StreamDelta
 from shared import kafka
 from shared.codec import decode, encode
 from shared.errors import DependencyUnavailable, RequestTimeout, UndecodableMessage
@@ -32,6 +39,7 @@ class Client:
         self._topics = topics or Topics()
         self._timeout_s = timeout_s
         self._waiting: dict[str, asyncio.Future[InferenceResult]] = {}
+        self._streams: dict[str, asyncio.Queue[StreamDelta]] = {}
         self._producer = None
         self._consumer = None
         self._reader: asyncio.Task | None = None
@@ -91,6 +99,12 @@ class Client:
             for records in batch.values():
                 for record in records:
                     try:
+                        if _is_delta(record.value):
+                            delta = decode(StreamDelta, record.value)
+                            stream = self._streams.get(delta.request_id)
+                            if stream is not None:
+                                stream.put_nowait(delta)
+                            continue
                         result = decode(InferenceResult, record.value)
                     except UndecodableMessage as exc:
                         log.warning("ignoring an unreadable reply: %s", exc)
@@ -127,12 +141,55 @@ class Client:
         finally:
             self._waiting.pop(request.id, None)
 
+    async def stream_request(self, request: InferenceRequest,
+                             timeout_s: float | None = None) -> AsyncIterator[StreamDelta | InferenceResult]:
+        """Publish `request` with streaming on; yield its StreamDelta pieces as they come, then its
+        InferenceResult. A piece with a higher `attempt` than the ones before (the request moved on
+        to another model) starts the text anew; the result always holds the whole answer."""
+        if request.reply_to != self.reply_to or not request.stream:
+            request = request.model_copy(update={"reply_to": self.reply_to, "stream": True})
+        pieces: asyncio.Queue[StreamDelta] = asyncio.Queue()
+        self._streams[request.id] = pieces
+        try:
+            finished = asyncio.ensure_future(self.submit(request, timeout_s))
+            try:
+                while True:
+                    piece = asyncio.ensure_future(pieces.get())
+                    await asyncio.wait([piece, finished], return_when=asyncio.FIRST_COMPLETED)
+                    if piece.done():
+                        yield piece.result()
+                        continue
+                    piece.cancel()
+                    while not pieces.empty():  # pieces that came just before the result
+                        yield pieces.get_nowait()
+                    yield finished.result()
+                    return
+            finally:
+                if not finished.done():
+                    finished.cancel()
+        finally:
+            self._streams.pop(request.id, None)
+
+    def stream(self, *, tenant: str, route: str, messages: list[dict[str, str]] | None = None,
+               prompt: str | None = None, timeout_s: float | None = None,
+               **fields: Any) -> AsyncIterator[StreamDelta | InferenceResult]:
+        """Build a streaming request from plain values (as `complete` does) and stream it."""
+        return self.stream_request(self._build(tenant=tenant, route=route, messages=messages, prompt=prompt,
+                                               stream=True, **fields), timeout_s)
+
     async def complete(self, *, tenant: str, route: str, messages: list[dict[str, str]] | None = None,
                        prompt: str | None = None, priority: Priority | str = Priority.standard,
                        max_tokens: int = 256, temperature: float = 0.7, timeout_s: float | None = None,
                        **fields: Any) -> InferenceResult:
         """Build a request from plain values and submit it."""
-        request = InferenceRequest(
+        return await self.submit(self._build(tenant=tenant, route=route, messages=messages, prompt=prompt,
+                                             priority=priority, max_tokens=max_tokens, temperature=temperature,
+                                             **fields), timeout_s)
+
+    def _build(self, *, tenant: str, route: str, messages: list[dict[str, str]] | None = None,
+               prompt: str | None = None, priority: Priority | str = Priority.standard,
+               max_tokens: int = 256, temperature: float = 0.7, **fields: Any) -> InferenceRequest:
+        return InferenceRequest(
             tenant=tenant,
             route=route,
             priority=Priority(priority),
@@ -142,4 +199,14 @@ class Client:
             reply_to=self.reply_to,
             **fields,
         )
-        return await self.submit(request, timeout_s)
+
+
+def _is_delta(value: bytes | None) -> bool:
+    """Whether a reply-topic message is a StreamDelta (cheap: only streaming replies pay a parse)."""
+    if not value or b'"delta"' not in value:
+        return False
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and data.get("kind") == "delta"
