@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="where to write it (default: $SWITCHYARD_CLASSIFIER or .switchyard/classifier.json)")
     train.add_argument("--target-recall", type=float, default=0.97, help="share of hard prompts to send to the hard tier")
     train.add_argument("--eval", type=Path, help="a second labeled file to report on (default with the bundled set: its eval file)")
-    worker = sub.add_parser("worker", help="run a vLLM worker for one model (joins group 'worker.<model>')")
+    worker = sub.add_parser("worker", help="run a worker for one model, on vLLM or its provider API (joins group 'worker.<model>')")
     worker.add_argument("--model", required=True)
     worker.add_argument("--model-path", type=Path, help="weights folder (default: <data dir>/models/<model>)")
     worker.add_argument("--max-in-flight", type=int, default=64)

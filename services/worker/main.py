@@ -1,4 +1,4 @@
-"""Entry point of a worker process: one engine, one model topic."""
+"""Entry point of a worker process: one backend (a vLLM engine or a provider API), one model topic."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from services.router.policy import load
 from services.worker.engine import Engine, EngineConfig
+from services.worker.provider import ProviderBackend
 from services.worker.service import Worker
 from shared.errors import ConfigError
 from shared.kafka import wait_for_broker
@@ -24,16 +25,23 @@ async def serve(settings: Settings, stop: asyncio.Event, *, model: str, model_pa
         raise ConfigError(f"model {model!r} is not in the policy {settings.policy_file} "
                           f"(models: {', '.join(policies.models)})")
     await wait_for_broker(settings.bootstrap)
-    path = model_path or settings.models_dir / model
-    engine = Engine.start(EngineConfig(model_path=path, max_model_len=policies.models[model].max_context_tokens,
-                                       max_num_seqs=max_in_flight))
+    spec = policies.models[model]
+    if spec.provider is not None:
+        backend = ProviderBackend(spec.provider, max_connections=max_in_flight)
+    else:
+        path = model_path or settings.models_dir / model
+        backend = Engine.start(EngineConfig(model_path=path, max_model_len=spec.max_context_tokens,
+                                            max_num_seqs=max_in_flight))
     # Redis holds results for repeats and caches; without it the worker still serves.
     redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2) if settings.redis_url else None
     try:
-        worker = Worker(model=model, engine=engine, bootstrap=settings.bootstrap, topics=settings.topics,
+        worker = Worker(model=model, engine=backend, bootstrap=settings.bootstrap, topics=settings.topics,
                         max_in_flight=max_in_flight, redis=redis)
         await worker.run(stop)
     finally:
-        engine.shutdown()
+        if isinstance(backend, ProviderBackend):
+            await backend.aclose()
+        else:
+            backend.shutdown()
         if redis is not None:
             await redis.aclose()
