@@ -35,6 +35,7 @@ from shared.semantic import SemanticIndex
 from shared.topics import Topics
 
 ROOT = Path(__file__).resolve().parents[2]
+MODELS = ["small", "large", "big", "flaky"]
 WORKER_READY_TIMEOUT_S = 600
 
 POLICY = """
@@ -45,12 +46,19 @@ models:
           max_error_rate: 0.5}
   # No worker serves "large": tests read what the router forwards to it off its topic.
   large: {tier: large, price_in_usd_per_mtok: 2.50, price_out_usd_per_mtok: 10.00, max_context_tokens: 1024}
+  # Served in-process by tests of hand-offs: "big" answers escalations, "flaky" refuses every call.
+  big: {tier: large, price_in_usd_per_mtok: 2.00, price_out_usd_per_mtok: 8.00, max_context_tokens: 1024}
+  flaky: {tier: small, price_in_usd_per_mtok: 0.05, price_out_usd_per_mtok: 0.20, max_context_tokens: 1024}
 routes:
   chat: {models: [small], max_output_tokens: 16}
   short: {models: [small], max_output_tokens: 4}
   tiered: {models: [small, large], max_output_tokens: 8}
   cached: {models: [small], max_output_tokens: 8, cache: {exact: true, semantic: true, semantic_threshold: 0.9}}
   shared-cache: {models: [small], max_output_tokens: 8, cache: {exact: true, shared: true}}
+  long: {models: [small], max_output_tokens: 1000}
+  escalating: {models: [small, big], max_output_tokens: 8, escalate_below_confidence: 0.9}
+  moving-on: {models: [flaky, small], max_output_tokens: 8}
+  large-only: {models: [large], max_output_tokens: 8}
 tenants:
   limited: {requests_per_minute: 2}
 """
@@ -103,11 +111,22 @@ def model_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def worker(broker, redis_url, topics, policy_file, model_path):
     """One worker process with the real vLLM engine, shared by every test (it takes ~1 min to start)."""
-    asyncio.run(ensure_topics(broker, topics.plan(["small", "large"])))
+    asyncio.run(ensure_topics(broker, topics.plan(MODELS)))
+    proc, lines = start_worker(broker, redis_url, topics, policy_file, model_path)
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def start_worker(broker, redis_url, topics, policy_file, model_path, *extra: str):
+    """A `switchyard worker --model small` process, once it consumes; and the lines it has printed."""
     env = dict(os.environ, SWITCHYARD_BOOTSTRAP=broker, SWITCHYARD_POLICY=str(policy_file), SWITCHYARD_REDIS_URL=redis_url,
                SWITCHYARD_TOPIC_PREFIX=topics.prefix, PYTHONUNBUFFERED="1", VLLM_LOGGING_LEVEL="WARNING")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "worker", "--model", "small", "--model-path", str(model_path)],
+        [sys.executable, "-m", "services.cli.main", "worker", "--model", "small", "--model-path", str(model_path), *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
     )
     ready = threading.Event()
@@ -123,12 +142,7 @@ def worker(broker, redis_url, topics, policy_file, model_path):
     if not ready.wait(WORKER_READY_TIMEOUT_S):
         proc.kill()
         pytest.fail("worker did not start:\n" + "".join(lines[-40:]))
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    return proc, lines
 
 
 @pytest.fixture(scope="session")
@@ -149,7 +163,7 @@ def classifier_path(tmp_path_factory, embedder) -> Path:
 async def router(broker, redis_url, topics, policies, embedder, classifier_path):
     """A router as `switchyard router` runs one: the policy in force on the topic, else the file's;
     the trained classifier, the caches and idempotency in Redis."""
-    await ensure_topics(broker, topics.plan(["small", "large"]))
+    await ensure_topics(broker, topics.plan(MODELS))
     redis = Redis.from_url(redis_url)
     feed = PolicyFeed(broker, topics)
     semantic = SemanticIndex(redis)

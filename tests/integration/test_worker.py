@@ -1,0 +1,267 @@
+"""The worker on real parts (Tansu, redis-server, chDB, vLLM on CPU): streaming, deadlines inside
+generation, redelivered requests answered from their record, hand-offs down the chain (confidence
+escalation, a failing model), the load report, and prefix affinity giving way under skew."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+from aiokafka.structs import TopicPartition
+from redis.asyncio import Redis
+
+from schemas import (InferenceRequest, InferenceResult, ModelHealth, RoutedRequest, Sampling, Status, StreamDelta,
+                     now_ms)
+from services.router.affinity import home_partition
+from services.router.decide import decide
+from services.worker.engine import Completion
+from services.worker.ledger import PREFIX as LEDGER_PREFIX
+from services.worker.service import Worker
+from shared import kafka
+from shared.codec import decode, encode
+from shared.errors import ProviderUnavailable
+from shared.topics import request_key
+from tests.integration.conftest import wait_for_rows
+
+pytestmark = pytest.mark.integration
+
+
+def tenant() -> str:
+    return f"w{uuid.uuid4().hex[:8]}"
+
+
+class Scripted:
+    """A stand-in backend for a model no engine serves in these tests ("big" answers, "flaky"
+    refuses like a rate-limited provider); the model under test is always the real vLLM worker."""
+
+    def __init__(self, *, text: str | None = None, refuse: bool = False):
+        self.text, self.refuse, self.calls = text, refuse, 0
+
+    async def run(self, request, *, request_id, max_tokens, deadline_ms=None, on_text=None) -> Completion:
+        self.calls += 1
+        if self.refuse:
+            raise ProviderUnavailable("429 from the provider: slow down", code="provider_rate_limited",
+                                      retry_after_ms=1000)
+        return Completion(text=self.text, finish_reason="stop", tokens_in=7, tokens_out=3, cached_tokens=0,
+                          ttft_ms=1, confidence=0.99)
+
+    def load(self):
+        return {"kv_usage": None}
+
+    def shutdown(self):
+        pass
+
+
+@pytest.fixture
+async def serving(broker, topics, redis_url):
+    """Starts in-process workers with scripted backends; stops them after the test."""
+    started: list[tuple[asyncio.Event, asyncio.Task]] = []
+    redis = Redis.from_url(redis_url)
+
+    async def serve(model: str, backend: Scripted) -> Worker:
+        worker = Worker(model=model, engine=backend, bootstrap=broker, topics=topics, redis=redis)
+        stop = asyncio.Event()
+        started.append((stop, asyncio.create_task(worker.run(stop))))
+        return worker
+
+    yield serve
+    for stop, task in started:
+        stop.set()
+    await asyncio.gather(*(task for _, task in started))
+    await redis.aclose()
+
+
+async def test_a_streaming_request_sees_its_text_before_the_result(worker, router, sink, client):
+    pieces: list[StreamDelta] = []
+    result = None
+    async for piece in client.stream(tenant=tenant(), route="chat", max_tokens=16,
+                                     messages=[{"role": "user", "content": "tell me about the sea"}]):
+        if isinstance(piece, StreamDelta):
+            assert result is None, "a delta came after the result"
+            pieces.append(piece)
+        else:
+            result = piece
+    assert result is not None and result.status == Status.ok, result
+    assert pieces, "no deltas before the result"
+    assert [p.seq for p in pieces] == list(range(len(pieces)))
+    assert "".join(p.text for p in pieces) == result.output
+    assert all(p.model == "small" and p.attempt == 0 for p in pieces)
+
+
+async def test_generation_past_the_deadline_is_cut_short_and_answered_expired(worker, router, sink, client, store):
+    who = tenant()
+    # A first request, so the router has joined its groups before the deadline starts to run.
+    assert (await client.complete(tenant=who, route="chat", max_tokens=1, messages=[{"role": "user", "content": "hi"}])).status == Status.ok
+    result = await client.complete(tenant=who, route="long", max_tokens=1000, temperature=1.0,
+                                   messages=[{"role": "user", "content": "write a very long story"}],
+                                   deadline_unix_ms=now_ms() + 1500)
+    assert result.status == Status.expired, result
+    assert result.error.code == "deadline_passed"
+    # It ran, and was stopped mid-way: some tokens, far fewer than asked, and an answer soon after the deadline.
+    assert 0 < result.tokens_out < 900 and result.finish_reason == "deadline", result
+    assert result.latency.total_ms < 1500 + 3000
+    books = await wait_for_rows(store, "tenant = {t:String} AND status = 'expired'", 1, {"t": who})
+    assert books["records"] == 1 and books["tokens_out"] == result.tokens_out and books["cost_nano_usd"] > 0
+
+
+async def test_a_redelivered_request_is_answered_from_its_record_not_run_again(worker, broker, topics, client,
+                                                                                sink, store, policies, redis_url):
+    who = tenant()
+    request = InferenceRequest(tenant=who, route="chat", reply_to=client.reply_to,
+                               messages=[{"role": "user", "content": "say something random"}],
+                               sampling=Sampling(max_tokens=16, temperature=1.0))
+    routed = decide(request, policies)
+    first = client.track(request.id)
+    producer = kafka.producer(broker)
+    await producer.start()
+    try:
+        # As Kafka redelivers it: the same routed request again, after the first has been answered.
+        await producer.send_and_wait(topics.model("small"), encode(routed), key=routed.prefix_hash.encode())
+        answer = await asyncio.wait_for(first, 60)
+        again = client.track(request.id)
+        await producer.send_and_wait(topics.model("small"), encode(routed), key=routed.prefix_hash.encode())
+        repeat = await asyncio.wait_for(again, 60)
+    finally:
+        await producer.stop()
+    assert answer.status == Status.ok and answer.tokens_out > 0
+    # Sampled at temperature 1 from a random model, a re-run could not write the same text.
+    assert repeat == answer
+    redis = Redis.from_url(redis_url)
+    try:
+        assert await redis.exists(f"{LEDGER_PREFIX}{request.id}:0")
+    finally:
+        await redis.aclose()
+    books = await wait_for_rows(store, "tenant = {t:String}", 1, {"t": who})
+    assert books["records"] == 1 and books["tokens_out"] == answer.tokens_out
+
+
+async def test_a_low_confidence_answer_escalates_to_the_stronger_model(worker, router, sink, client, store,
+                                                                       policies, serving):
+    big = Scripted(text="a careful answer")
+    await serving("big", big)
+    who = tenant()
+    result = await client.complete(tenant=who, route="escalating", max_tokens=8,
+                                   messages=[{"role": "user", "content": "hi there"}])
+    assert result.status == Status.ok, result
+    # The tiny random model is never 90% sure of anything: its answer went on to "big".
+    assert result.model == "big" and result.output == "a careful answer"
+    assert result.escalation_path == ["small", "big"]
+    assert any(reason.startswith("escalated: confidence") for reason in result.route_reasons), result.route_reasons
+    books = await wait_for_rows(store, "tenant = {t:String}", 2, {"t": who})
+    assert books["records"] == 2
+    rows = store.query("SELECT attempt, model, status, cost_nano_usd, tokens_out FROM switchyard.cost_records FINAL "
+                       "WHERE tenant = {t:String} ORDER BY attempt", {"t": who})
+    assert [(r["attempt"], r["model"], r["status"]) for r in rows] == [(0, "small", "ok"), (1, "big", "ok")]
+    assert rows[0]["cost_nano_usd"] > 0  # the small model's attempt is billed too
+    assert rows[1]["cost_nano_usd"] == policies.models["big"].price.cost_nano_usd(7, 3)
+
+
+async def test_a_refused_call_moves_on_to_the_next_model_of_the_chain(worker, router, sink, client, store, serving):
+    flaky = Scripted(refuse=True)
+    await serving("flaky", flaky)
+    who = tenant()
+    result = await client.complete(tenant=who, route="moving-on", max_tokens=8,
+                                   messages=[{"role": "user", "content": "hello"}])
+    assert result.status == Status.ok, result
+    assert result.model == "small" and result.escalation_path == ["flaky", "small"]
+    assert flaky.calls == 1  # moved on, not retried against the same endpoint
+    assert any("flaky failed (provider_rate_limited)" in reason for reason in result.route_reasons)
+    await wait_for_rows(store, "tenant = {t:String}", 2, {"t": who})
+    rows = store.query("SELECT attempt, model, status, cost_nano_usd FROM switchyard.cost_records FINAL "
+                       "WHERE tenant = {t:String} ORDER BY attempt", {"t": who})
+    assert [(r["attempt"], r["model"], r["status"], r["cost_nano_usd"] > 0) for r in rows] == [
+        (0, "flaky", "failed", False), (1, "small", "ok", True)]
+
+
+async def test_the_load_report_carries_partitions_kv_usage_and_prefix_hits(worker, router, client, broker, topics):
+    system = {"role": "system", "content": "You are a patient guide to the rivers of Europe. " * 6}
+    for i in range(3):  # the same long prefix three times: later ones reuse its KV blocks
+        result = await client.complete(tenant=tenant(), route="chat", max_tokens=4,
+                                       messages=[system, {"role": "user", "content": f"river {i}?"}])
+        assert result.status == Status.ok
+    reader = kafka.consumer(broker, topics.health, group_id=None, auto_offset_reset="latest")
+    await reader.start()
+    try:
+        report = None
+        deadline = asyncio.get_running_loop().time() + 15
+        while report is None and asyncio.get_running_loop().time() < deadline:
+            for records in (await reader.getmany(timeout_ms=500)).values():
+                for record in records:
+                    health = decode(ModelHealth, record.value)
+                    if health.model == "small" and health.requests > 0:
+                        report = health
+    finally:
+        await reader.stop()
+    assert report is not None, "no load report from the small worker"
+    partitions = len(await _partitions(broker, topics.model("small")))
+    assert sorted(report.partition_backlog) == list(range(partitions))  # the only worker owns them all
+    assert report.backlog == sum(report.partition_backlog.values())
+    assert report.kv_usage is not None and 0 <= report.kv_usage <= 1
+    assert report.prefix_hit_rate is not None and report.prefix_hit_rate > 0
+
+
+async def _partitions(broker, topic) -> set[int]:
+    consumer = kafka.consumer(broker, group_id=None)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        return consumer.partitions_for_topic(topic) or set()
+    finally:
+        await consumer.stop()
+
+
+async def test_a_hot_partition_spills_to_the_least_loaded_one(router, broker, topics):
+    """Affinity holds while the prefix's partition keeps up, and gives way once it is over the
+    model's spill_backlog (8 by default); read off the topic of "large", which no worker serves."""
+    partitions = sorted(await _partitions(broker, topics.model("large")))
+    history = [{"role": "user", "content": f"hot conversation {uuid.uuid4()}"}, {"role": "assistant", "content": "go on"}]
+    request = InferenceRequest(tenant=tenant(), route="large-only", reply_to="nobody",
+                               messages=[*history, {"role": "user", "content": "first question"}])
+    home = home_partition(decide(request, router.policies).prefix_hash.encode(), len(partitions))
+    producer = kafka.producer(broker)
+    await producer.start()
+    reader = kafka.consumer(broker, group_id=None, auto_offset_reset="latest")
+    await reader.start()
+    try:
+        reader.assign([TopicPartition(topics.model("large"), p) for p in partitions])
+        for p in partitions:
+            await reader.position(TopicPartition(topics.model("large"), p))
+
+        async def report(backlog: dict[int, int]) -> None:
+            name = f"test-{uuid.uuid4().hex[:6]}"
+            deadline = time.monotonic() + 20
+            # Sent until the router has it: its reader starts at the topic's end, maybe after the first.
+            while not any(h.worker == name for h in router.health.fresh("large")):
+                assert time.monotonic() < deadline, "the router did not see the report"
+                health = ModelHealth(model="large", worker=name, ts_ms=now_ms(), interval_s=30, window_s=60,
+                                     requests=0, errors=0, in_flight=4, capacity=4,
+                                     backlog=sum(backlog.values()), partition_backlog=backlog)
+                await producer.send_and_wait(topics.health, encode(health), key=b"large")
+                await asyncio.sleep(0.3)
+
+        async def landed(req: InferenceRequest) -> int:
+            await producer.send_and_wait(topics.requests(req.priority), encode(req), key=request_key(req.route))
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                for records in (await reader.getmany(timeout_ms=500)).values():
+                    for record in records:
+                        if decode(RoutedRequest, record.value).request.id == req.id:
+                            return record.partition
+            raise AssertionError(f"request {req.id} was not forwarded")
+
+        await report({p: 0 for p in partitions})
+        assert await landed(request) == home
+        skewed = {p: (50 if p == home else 0) for p in partitions}
+        await report(skewed)
+        # The next turn of the same conversation: the same prefix, so the same home partition.
+        follow_up = InferenceRequest(tenant=request.tenant, route="large-only", reply_to="nobody",
+                                     messages=[*history, {"role": "user", "content": "second question"}])
+        assert decide(follow_up, router.policies).prefix_hash == decide(request, router.policies).prefix_hash
+        spilled = await landed(follow_up)
+        assert spilled != home and spilled == min(p for p in partitions if p != home)
+        assert router.counts["spilled"] >= 1
+    finally:
+        await reader.stop()
+        await producer.stop()
