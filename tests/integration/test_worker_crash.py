@@ -1,0 +1,126 @@
+"""Two workers in one group on real parts: one is stopped mid-load, gently (SIGTERM: it drains) or
+not (SIGKILL: Kafka redelivers what it had); either way every request gets its answer, and each
+is billed once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import uuid
+from collections import defaultdict
+
+import pytest
+from aiokafka.structs import TopicPartition
+
+from schemas import InferenceResult, ModelHealth, Status
+from shared import kafka
+from shared.codec import decode
+from tests.integration.conftest import start_worker, wait_for_rows
+
+pytestmark = pytest.mark.integration
+
+REQUESTS = 40
+
+
+async def second_worker(broker, redis_url, topics, policy_file, model_path):
+    """Start another `worker --model small` and wait until the group has given it partitions."""
+    proc, lines = await asyncio.to_thread(start_worker, broker, redis_url, topics, policy_file, model_path)
+    name = f"{socket.gethostname()}:{proc.pid}"
+    report = await next_report(broker, topics, lambda h: h.worker == name and h.partition_backlog, 120)
+    assert report is not None, "the second worker never got partitions:\n" + "".join(lines[-30:])
+    return proc, name, lines
+
+
+async def next_report(broker, topics, wanted, timeout_s: float) -> ModelHealth | None:
+    reader = kafka.consumer(broker, topics.health, group_id=None, auto_offset_reset="latest")
+    await reader.start()
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            for records in (await reader.getmany(timeout_ms=500)).values():
+                for record in records:
+                    health = decode(ModelHealth, record.value)
+                    if health.model == "small" and wanted(health):
+                        return health
+        return None
+    finally:
+        await reader.stop()
+
+
+async def replies_on(broker, topic: str, ids: set[str]) -> dict[str, list[bytes]]:
+    """Every reply on `topic` to the given requests, from the topic's start."""
+    reader = kafka.consumer(broker, group_id=None, auto_offset_reset="earliest")
+    await reader.start()
+    seen: dict[str, list[bytes]] = defaultdict(list)
+    try:
+        await reader.topics()
+        partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or ()]
+        reader.assign(partitions)
+        await reader.seek_to_beginning(*partitions)
+        ends = await reader.end_offsets(partitions)
+        while [tp for tp in partitions if await reader.position(tp) < ends[tp]]:
+            for records in (await reader.getmany(timeout_ms=500)).values():
+                for record in records:
+                    if record.value and b'"kind":"delta"' not in record.value:
+                        result = decode(InferenceResult, record.value)
+                        if result.request_id in ids:
+                            seen[result.request_id].append(record.value)
+    finally:
+        await reader.stop()
+    return seen
+
+
+async def load_and_stop(client, broker, topics, worker_name: str, how: signal.Signals, proc,
+                        lines: list[str]) -> list[InferenceResult]:
+    who = f"c{uuid.uuid4().hex[:8]}"
+    sending = [asyncio.create_task(client.complete(
+        tenant=who, route="long", max_tokens=400, temperature=1.0, timeout_s=300,
+        messages=[{"role": "user", "content": f"story {i}: once upon a time"}])) for i in range(REQUESTS)]
+    # Stop it while it has requests of its own in flight.
+    busy = await next_report(broker, topics, lambda h: h.worker == worker_name and h.in_flight > 0, 120)
+    assert busy is not None, "the second worker never took a request:\n" + "".join(lines[-30:])
+    os.kill(proc.pid, how)
+    return await asyncio.gather(*sending)
+
+
+async def test_sigterm_drains_in_flight_work_and_exits_cleanly(worker, router, sink, client, store, broker,
+                                                              redis_url, topics, policy_file, model_path):
+    proc, name, lines = await second_worker(broker, redis_url, topics, policy_file, model_path)
+    try:
+        results = await load_and_stop(client, broker, topics, name, signal.SIGTERM, proc, lines)
+        code = await asyncio.to_thread(proc.wait, 90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, "".join(lines[-30:])
+    assert any("draining" in line for line in lines), "".join(lines[-30:])
+    assert all(r.status == Status.ok for r in results), [r.error for r in results if r.status != Status.ok]
+    # Drained and committed: nothing it had finished was handed to the other worker to send again.
+    replies = await replies_on(broker, topics.replies(client.reply_to), {r.request_id for r in results})
+    assert {rid: len(v) for rid, v in replies.items()} == {r.request_id: 1 for r in results}
+
+
+async def test_a_worker_killed_mid_load_loses_nothing_and_bills_each_request_once(
+        worker, router, sink, client, store, policies, broker, redis_url, topics, policy_file, model_path):
+    proc, name, lines = await second_worker(broker, redis_url, topics, policy_file, model_path)
+    try:
+        results = await load_and_stop(client, broker, topics, name, signal.SIGKILL, proc, lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+    assert len({r.request_id for r in results}) == REQUESTS
+    assert all(r.status == Status.ok for r in results), [r.error for r in results if r.status != Status.ok]
+    # A request may be answered twice (finished, not yet committed, redelivered), but only ever
+    # from its record: the same bytes, never a second run.
+    replies = await replies_on(broker, topics.replies(client.reply_to), {r.request_id for r in results})
+    assert set(replies) == {r.request_id for r in results}
+    assert all(len(set(copies)) == 1 for copies in replies.values())
+    tenant = results[0].tenant
+    books = await wait_for_rows(store, "tenant = {t:String}", REQUESTS, {"t": tenant}, timeout_s=60)
+    price = policies.models["small"].price
+    assert books["records"] == REQUESTS
+    assert books["cost_nano_usd"] == sum(price.cost_nano_usd(r.tokens_in, r.tokens_out) for r in results)
