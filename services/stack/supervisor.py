@@ -80,7 +80,7 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
     for model in models:
         if model not in policies.models:
             raise ConfigError(f"model {model!r} is not in {settings.policy_file} (models: {', '.join(policies.models)})")
-        if not tiny_model.exists(settings.models_dir / model):
+        if policies.models[model].provider is None and not tiny_model.exists(settings.models_dir / model):
             raise ConfigError(f"no weights for model {model!r} at {settings.models_dir / model}; "
                               f"make a tiny one with `switchyard model tiny {settings.models_dir / model}`")
     if read_state(settings):
