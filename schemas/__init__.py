@@ -6,17 +6,18 @@ from schemas.health import ModelHealth
 from schemas.policy import CachePolicy, ModelPrice, ModelSpec, PolicySet, ProviderSpec, RoutePolicy, TenantLimits
 from schemas.request import ChatMessage, InferenceRequest, Priority, Sampling, new_request_id, now_ms
 from schemas.result import CacheHit, ErrorInfo, InferenceResult, Latency, Status, StreamDelta
-from schemas.routed import DeadLetter, Hop, Memo, RoutedRequest
+from schemas.routed import ConfidenceCheck, DeadLetter, Hop, Memo, RoutedRequest
 
 # Each of these is exported as schemas/json/<Name>.schema.json for producers in other languages.
 EXPORTED = (InferenceRequest, InferenceResult, CostRecord, RoutePolicy, PolicySet, RoutedRequest, DeadLetter,
-            ModelHealth, StreamDelta)
+            ModelHealth, StreamDelta, ConfidenceCheck)
 
 __all__ = [
     "SCHEMA_VERSION",
     "EXPORTED",
     "CacheHit",
     "CachePolicy",
+    "ConfidenceCheck",
     "ChatMessage",
     "CostRecord",
     "DeadLetter",

@@ -61,3 +61,16 @@ class DeadLetter(Message):
     ts_ms: int
     payload: str = Field(description="The original bytes, decoded as UTF-8 with replacement, cut to a bounded size.")
     payload_bytes: int = Field(ge=0, description="The original size in bytes.")
+
+
+class ConfidenceCheck(Message):
+    """A worker's check of an answer against its route's confidence threshold, where a stronger
+    model was there to escalate to. `switchyard router train --history` learns from them: an
+    escalated request needed the stronger tier (hard); a confident answer did not (simple)."""
+
+    request: InferenceRequest
+    model: str = Field(description="The model whose answer was checked.")
+    confidence: float = Field(ge=0, le=1)
+    threshold: float = Field(gt=0, lt=1)
+    escalated: bool
+    ts_ms: int = Field(ge=0)

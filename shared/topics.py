@@ -13,6 +13,7 @@ COST_PARTITIONS = 6
 DEAD_LETTER_PARTITIONS = 1
 POLICY_PARTITIONS = 1
 HEALTH_PARTITIONS = 1
+ESCALATION_PARTITIONS = 1
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ class Topics:
     def health(self) -> str:
         return f"{self.prefix}.health"
 
+    @property
+    def escalations(self) -> str:
+        return f"{self.prefix}.escalations"
+
     def plan(self, models: list[str]) -> list[TopicSpec]:
         """The topics a deployment serving `models` needs, with their partition counts."""
         return [
@@ -68,6 +73,8 @@ class Topics:
             TopicSpec(self.policies, POLICY_PARTITIONS, {"cleanup.policy": "compact"}),
             # Reports are only worth seconds: keep an hour, for looking back.
             TopicSpec(self.health, HEALTH_PARTITIONS, {"retention.ms": str(3600 * 1000)}),
+            # Confidence checks, for retraining the router's classifier: 30 days of them.
+            TopicSpec(self.escalations, ESCALATION_PARTITIONS, {"retention.ms": str(30 * 86400 * 1000)}),
         ]
 
     def reply_spec(self, reply_to: str) -> TopicSpec:

@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("file", type=Path, nargs="?", help="labeled prompts (default: the bundled set)")
     train.add_argument("--out", type=Path, help="where to write it (default: $SWITCHYARD_CLASSIFIER or .switchyard/classifier.json)")
     train.add_argument("--target-recall", type=float, default=0.97, help="share of hard prompts to send to the hard tier")
+    train.add_argument("--history", action="store_true",
+                       help="also learn from the workers' confidence checks on the escalations topic")
     train.add_argument("--eval", type=Path, help="a second labeled file to report on (default with the bundled set: its eval file)")
     worker = sub.add_parser("worker", help="run a worker for one model, on vLLM or its provider API (joins group 'worker.<model>')")
     worker.add_argument("--model", required=True)
@@ -67,11 +69,15 @@ def main(argv: list[str] | None = None) -> int:
             log.setup("stack")
             return up(settings, args.models.split(",") if args.models else None)
         if args.command == "router" and args.router_command == "train":
+            from services.cli.policy import bootstrap_of
             from services.router import train
 
             path = args.file or train.BUNDLED
             evaluate = args.eval or (train.BUNDLED_EVAL if args.file is None else None)
-            return train.main(path, args.out or settings.classifier_path, args.target_recall, evaluate)
+            # --history reads the escalations topic: of SWITCHYARD_BOOTSTRAP, or of the running stack.
+            bootstrap = bootstrap_of(settings) if args.history else None
+            return train.main(path, args.out or settings.classifier_path, args.target_recall, evaluate,
+                              bootstrap=bootstrap, topics=settings.topics)
         if args.command == "router":
             from services.router.main import serve
 

@@ -16,7 +16,7 @@ from shared.kafka import prepare
 from shared.settings import Settings
 
 
-def _bootstrap(settings: Settings) -> str:
+def bootstrap_of(settings: Settings) -> str:
     """The configured cluster, or the one a running `switchyard up` on this data folder started."""
     if settings.bootstrap:
         return settings.bootstrap
@@ -28,7 +28,7 @@ def _bootstrap(settings: Settings) -> str:
 
 def apply(settings: Settings, path: Path) -> int:
     policies = load(path)  # refuses an invalid file whole, before anything is sent
-    bootstrap = _bootstrap(settings)
+    bootstrap = bootstrap_of(settings)
 
     async def run() -> None:
         await prepare(bootstrap, [s for s in settings.topics.plan([]) if s.name == settings.topics.policies])
@@ -41,7 +41,7 @@ def apply(settings: Settings, path: Path) -> int:
 
 
 def show(settings: Settings, as_json: bool) -> int:
-    policies = asyncio.run(feed.in_force(_bootstrap(settings), settings.topics))
+    policies = asyncio.run(feed.in_force(bootstrap_of(settings), settings.topics))
     if policies is None:
         print(f"no policy applied to {settings.topics.policies}; routers use their policy file")
         return 1

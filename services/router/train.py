@@ -5,28 +5,71 @@ tier name). The model learns from every example the rules leave undecided, since
 the only ones it will ever see; its threshold is set from cross-validated scores to reach the
 target recall of hard requests. With --eval, a second labeled file reports how the rules and
 the model together do on prompts they were not fitted on.
+
+With --history, the workers' confidence checks on the escalations topic join the labeled
+prompts: a request whose answer from a weaker model fell below its route's threshold (and went
+on to a stronger one) is an example of hard; one whose answer passed is an example of simple.
+A request checked more than once counts by its latest check.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import numpy as np
 
-from services.router.classify import HARD, Classifier, features, read_labeled, rules, train
+from schemas import ConfidenceCheck, InferenceRequest
+from services.router.classify import HARD, SIMPLE, Classifier, features, read_labeled, rules, train
 from services.router.decide import estimate_tokens
 from services.router.embed import Embedder, asked_text, asked_tokens
-from shared.errors import ConfigError
+from shared import kafka
+from shared.codec import decode
+from shared.errors import ConfigError, UndecodableMessage
+from shared.topics import Topics
 
 BUNDLED = Path(__file__).resolve().parent / "data" / "labeled_train.jsonl"
 BUNDLED_EVAL = Path(__file__).resolve().parent / "data" / "labeled_eval.jsonl"
 
 
-def fit_file(path: Path, out: Path, *, target_recall: float = 0.97, eval_path: Path | None = None,
-             embedder: Embedder | None = None) -> dict:
+async def history(bootstrap: str, topics: Topics, timeout_s: float = 60.0) -> list[tuple[InferenceRequest, str]]:
+    """Labeled examples from every confidence check on the escalations topic, read to its end."""
+    from aiokafka.structs import TopicPartition
+
+    reader = kafka.consumer(bootstrap, group_id=None, auto_offset_reset="earliest")
+    await reader.start()
+    latest: dict[tuple[str, str], ConfidenceCheck] = {}
     try:
-        examples = read_labeled(path)
+        await reader.topics()
+        partitions = [TopicPartition(topics.escalations, p)
+                      for p in sorted(reader.partitions_for_topic(topics.escalations) or ())]
+        if not partitions:
+            return []
+        reader.assign(partitions)
+        await reader.seek_to_beginning(*partitions)
+        ends = await reader.end_offsets(partitions)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while [tp for tp in partitions if await reader.position(tp) < ends[tp]] and loop.time() < deadline:
+            for records in (await reader.getmany(timeout_ms=500)).values():
+                for record in records:
+                    try:
+                        check = decode(ConfidenceCheck, record.value)
+                    except UndecodableMessage:
+                        continue
+                    key = (check.request.tenant, check.request.id)
+                    if key not in latest or check.ts_ms >= latest[key].ts_ms:
+                        latest[key] = check
+    finally:
+        await reader.stop()
+    return [(check.request, HARD if check.escalated else SIMPLE) for check in latest.values()]
+
+
+def fit_file(path: Path, out: Path, *, target_recall: float = 0.97, eval_path: Path | None = None,
+             embedder: Embedder | None = None, extra: list[tuple[InferenceRequest, str]] = ()) -> dict:
+    try:
+        examples = read_labeled(path) + list(extra)
     except (OSError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     embedder = embedder or Embedder()
@@ -39,8 +82,9 @@ def fit_file(path: Path, out: Path, *, target_recall: float = 0.97, eval_path: P
     vectors = embedder.embed([asked_text(r) for r, _ in undecided])
     model = train(features(vectors, [asked_tokens(r) for r, _ in undecided]), labels, target_recall=target_recall)
     model.meta["source"] = str(path)
+    model.meta["from_history"] = len(extra)
     model.meta["decided_by_rules"] = len(examples) - len(undecided)
-    report = {"examples": len(examples), "decided_by_rules": len(examples) - len(undecided),
+    report = {"examples": len(examples), "from_history": len(extra), "decided_by_rules": len(examples) - len(undecided),
               "fitted_on": len(undecided), "threshold": round(model.threshold, 4), **model.meta["cross_validated"]}
     if eval_path is not None:
         report["eval"] = evaluate(Classifier(model, embedder), eval_path)
@@ -67,8 +111,11 @@ def evaluate(classifier: Classifier, path: Path) -> dict:
     }
 
 
-def main(path: Path, out: Path, target_recall: float, eval_path: Path | None) -> int:
-    report = fit_file(path, out, target_recall=target_recall, eval_path=eval_path)
+def main(path: Path, out: Path, target_recall: float, eval_path: Path | None, *,
+         bootstrap: str | None = None, topics: Topics | None = None) -> int:
+    """Fit and save; with `bootstrap`, the escalation history joins the labeled file."""
+    extra = asyncio.run(history(bootstrap, topics or Topics())) if bootstrap else []
+    report = fit_file(path, out, target_recall=target_recall, eval_path=eval_path, extra=extra)
     print(json.dumps(report, indent=2))
     print(f"classifier written to {out}")
     return 0

@@ -38,6 +38,8 @@ class Outcome:
 
     messages: list[Sent]
     final: bool  # False: handed on to another model, which will answer
+    # Sent best effort after the messages, not recorded: what the request's answer does not need.
+    notes: tuple[Sent, ...] = ()
 
 
 def _key(request_id: str, attempt: int) -> str:

@@ -16,7 +16,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from schemas import (CacheHit, ErrorInfo, InferenceResult, Latency, ModelHealth, RoutedRequest, Status, StreamDelta,
+from schemas import (CacheHit, ConfidenceCheck, ErrorInfo, InferenceResult, Latency, ModelHealth, RoutedRequest, Status, StreamDelta,
                      now_ms)
 from services.worker.engine import Backend
 from services.worker.ledger import Ledger, Outcome, Sent
@@ -154,6 +154,11 @@ class Worker:
             if self._ledger is not None:
                 await self._ledger.put(request.id, routed.attempt, outcome)
         await delivered(self._send_all(outcomes, outcome.messages))
+        if outcome.notes:
+            try:
+                await delivered(self._send_all(outcomes, list(outcome.notes)))
+            except Exception as exc:  # noqa: BLE001 - a lost note must never cost an answer
+                log.warning("could not send a note on %s: %r", request.id, exc)
         if outcome.final and routed.memo is not None and self._memory is not None:
             result = decode(InferenceResult, outcome.messages[0].value)
             await self._remember(routed, result, outcomes)
@@ -168,11 +173,12 @@ class Worker:
         on_text = self._streamer(routed, outcomes) if request.stream else None
         result, cost, moves_on = await self._run(routed, on_text)
         hop, why = self._next_hop(routed, result, moves_on)
+        check = self._confidence_check(routed, result, escalated=hop is not None and not moves_on)
         if hop is None:
             return Outcome(final=True, messages=[
                 Sent(self._topics.replies(request.reply_to), reply_key(request.id), encode(result)),
                 Sent(self._topics.costs, cost_key(request.id), encode(cost)),
-            ])
+            ], notes=check)
         index = routed.fallbacks.index(hop)
         onward = routed.model_copy(update={
             "model": hop.model, "price": hop.price, "rank": hop.rank, "attempt": routed.attempt + 1,
@@ -184,7 +190,17 @@ class Worker:
         return Outcome(final=False, messages=[
             Sent(self._topics.model(hop.model), (routed.prefix_hash or request.id).encode(), encode(onward)),
             Sent(self._topics.costs, cost_key(request.id), encode(cost)),
-        ])
+        ], notes=check)
+
+    def _confidence_check(self, routed: RoutedRequest, result: InferenceResult, *, escalated: bool) -> tuple[Sent, ...]:
+        """The record of a confidence check, where one was made: the router learns from them."""
+        threshold = routed.escalate_below
+        if (threshold is None or result.status != Status.ok or result.confidence is None
+                or not any(h.rank > routed.rank for h in routed.fallbacks)):
+            return ()
+        check = ConfidenceCheck(request=routed.request, model=self.model, confidence=result.confidence,
+                                threshold=threshold, escalated=escalated, ts_ms=now_ms())
+        return (Sent(self._topics.escalations, routed.request.id.encode(), encode(check)),)
 
     def _next_hop(self, routed: RoutedRequest, result: InferenceResult, moves_on: bool):
         """The fallback that should take the request after this attempt, and why; (None, "") for none."""

@@ -1,27 +1,31 @@
 """The worker on real parts (Tansu, redis-server, chDB, vLLM on CPU): streaming, deadlines inside
 generation, redelivered requests answered from their record, hand-offs down the chain (confidence
-escalation, a failing model), the load report, and prefix affinity giving way under skew."""
+escalation to a provider model, moving on from a provider that refuses), the load report, and
+prefix affinity giving way under skew."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import orjson
 import pytest
 from aiokafka.structs import TopicPartition
 from redis.asyncio import Redis
 
-from schemas import (InferenceRequest, InferenceResult, ModelHealth, RoutedRequest, Sampling, Status, StreamDelta,
+from schemas import (InferenceRequest, ModelHealth, ProviderSpec, RoutedRequest, Sampling, Status, StreamDelta,
                      now_ms)
 from services.router.affinity import home_partition
+from services.router import train
 from services.router.decide import decide
-from services.worker.engine import Completion
 from services.worker.ledger import PREFIX as LEDGER_PREFIX
+from services.worker.provider import ProviderBackend
 from services.worker.service import Worker
 from shared import kafka
 from shared.codec import decode, encode
-from shared.errors import ProviderUnavailable
 from shared.topics import request_key
 from tests.integration.conftest import wait_for_rows
 
@@ -32,44 +36,61 @@ def tenant() -> str:
     return f"w{uuid.uuid4().hex[:8]}"
 
 
-class Scripted:
-    """A stand-in backend for a model no engine serves in these tests ("big" answers, "flaky"
-    refuses like a rate-limited provider); the model under test is always the real vLLM worker."""
+class _Provider(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint: answers every chat completion, or refuses it with a 429."""
 
-    def __init__(self, *, text: str | None = None, refuse: bool = False):
-        self.text, self.refuse, self.calls = text, refuse, 0
-
-    async def run(self, request, *, request_id, max_tokens, deadline_ms=None, on_text=None) -> Completion:
-        self.calls += 1
-        if self.refuse:
-            raise ProviderUnavailable("429 from the provider: slow down", code="provider_rate_limited",
-                                      retry_after_ms=1000)
-        return Completion(text=self.text, finish_reason="stop", tokens_in=7, tokens_out=3, cached_tokens=0,
-                          ttft_ms=1, confidence=0.99)
-
-    def load(self):
-        return {"kv_usage": None}
-
-    def shutdown(self):
+    def log_message(self, *args) -> None:
         pass
+
+    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        body = orjson.loads(self.rfile.read(int(self.headers["content-length"])))
+        self.server.calls.append(body)
+        if self.server.refuse:
+            reply, status = {"error": {"message": "rate limit reached", "type": "rate_limit"}}, 429
+        else:
+            reply, status = {
+                "id": "c1", "object": "chat.completion", "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "a careful answer"},
+                             "logprobs": {"content": [{"token": t, "logprob": -0.01, "top_logprobs": []}
+                                                      for t in ("a", " careful", " answer")]}}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+            }, 200
+        data = orjson.dumps(reply)
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        if status == 429:
+            self.send_header("retry-after", "1")
+        self.end_headers()
+        self.wfile.write(data)
 
 
 @pytest.fixture
 async def serving(broker, topics, redis_url):
-    """Starts in-process workers with scripted backends; stops them after the test."""
-    started: list[tuple[asyncio.Event, asyncio.Task]] = []
+    """Serves a model of the test policy with a provider worker (the real ProviderBackend and
+    Worker, in-process) against a local OpenAI-compatible endpoint; stops both after the test."""
+    started: list[tuple[asyncio.Event, asyncio.Task, ProviderBackend, ThreadingHTTPServer]] = []
     redis = Redis.from_url(redis_url)
 
-    async def serve(model: str, backend: Scripted) -> Worker:
+    async def serve(model: str, *, refuse: bool = False) -> list[dict]:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _Provider)
+        server.calls, server.refuse = [], refuse
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        backend = ProviderBackend(ProviderSpec(api="openai", base_url=f"http://127.0.0.1:{server.server_port}/v1",
+                                               model=f"remote-{model}", timeout_s=10))
         worker = Worker(model=model, engine=backend, bootstrap=broker, topics=topics, redis=redis)
         stop = asyncio.Event()
-        started.append((stop, asyncio.create_task(worker.run(stop))))
-        return worker
+        started.append((stop, asyncio.create_task(worker.run(stop)), backend, server))
+        return server.calls
 
     yield serve
-    for stop, task in started:
+    for stop, *_ in started:
         stop.set()
-    await asyncio.gather(*(task for _, task in started))
+    await asyncio.gather(*(task for _, task, *_ in started))
+    for _, _, backend, server in started:
+        await backend.aclose()
+        server.shutdown()
     await redis.aclose()
 
 
@@ -137,15 +158,14 @@ async def test_a_redelivered_request_is_answered_from_its_record_not_run_again(w
     assert books["records"] == 1 and books["tokens_out"] == answer.tokens_out
 
 
-async def test_a_low_confidence_answer_escalates_to_the_stronger_model(worker, router, sink, client, store,
-                                                                       policies, serving):
-    big = Scripted(text="a careful answer")
-    await serving("big", big)
+async def test_a_low_confidence_answer_escalates_and_teaches_the_router(worker, router, sink, client, store, policies,
+                                                                        serving, broker, topics, embedder, tmp_path):
+    await serving("big")
     who = tenant()
     result = await client.complete(tenant=who, route="escalating", max_tokens=8,
                                    messages=[{"role": "user", "content": "hi there"}])
     assert result.status == Status.ok, result
-    # The tiny random model is never 90% sure of anything: its answer went on to "big".
+    # The tiny random model is never 90% sure of anything: its answer went on to "big", a provider model.
     assert result.model == "big" and result.output == "a careful answer"
     assert result.escalation_path == ["small", "big"]
     assert any(reason.startswith("escalated: confidence") for reason in result.route_reasons), result.route_reasons
@@ -157,16 +177,29 @@ async def test_a_low_confidence_answer_escalates_to_the_stronger_model(worker, r
     assert rows[0]["cost_nano_usd"] > 0  # the small model's attempt is billed too
     assert rows[1]["cost_nano_usd"] == policies.models["big"].price.cost_nano_usd(7, 3)
 
+    # The small model's check went on the escalations topic: the router can learn the request was hard.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        learned = {r.id: label for r, label in await train.history(broker, topics)}
+        if result.request_id in learned or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    assert learned.get(result.request_id) == "hard"
+    report = await asyncio.to_thread(train.fit_file, train.BUNDLED, tmp_path / "classifier.json",
+                                     embedder=embedder, extra=[(r, label) for r, label in
+                                                               await train.history(broker, topics)])
+    assert report["from_history"] >= 1 and (tmp_path / "classifier.json").exists()
+
 
 async def test_a_refused_call_moves_on_to_the_next_model_of_the_chain(worker, router, sink, client, store, serving):
-    flaky = Scripted(refuse=True)
-    await serving("flaky", flaky)
+    calls = await serving("flaky", refuse=True)
     who = tenant()
     result = await client.complete(tenant=who, route="moving-on", max_tokens=8,
                                    messages=[{"role": "user", "content": "hello"}])
     assert result.status == Status.ok, result
     assert result.model == "small" and result.escalation_path == ["flaky", "small"]
-    assert flaky.calls == 1  # moved on, not retried against the same endpoint
+    assert len(calls) == 1  # moved on, not retried against the same endpoint
     assert any("flaky failed (provider_rate_limited)" in reason for reason in result.route_reasons)
     await wait_for_rows(store, "tenant = {t:String}", 2, {"t": who})
     rows = store.query("SELECT attempt, model, status, cost_nano_usd FROM switchyard.cost_records FINAL "
