@@ -13,15 +13,21 @@ PROMPT_PREFIX_CHARS = 512
 
 
 def prefix_material(request: InferenceRequest) -> bytes:
-    """The bytes that identify what a worker's KV cache can reuse for this request."""
+    """The bytes that identify the conversation, hence the worker whose KV cache it can reuse."""
     if request.prefix_key is not None:
         return b"session\0" + request.prefix_key.encode()
     if request.messages is not None:
-        # vLLM reuses KV blocks of the system prompt and the conversation so far; the last
-        # turn is new. A one-message request has no history, so it is keyed by itself,
-        # which spreads unrelated single-turn requests instead of piling them on one key.
-        stable = request.messages[:-1] or request.messages
-        return b"chat\0" + orjson.dumps([[m.role, m.content] for m in stable])
+        # The conversation's root: its system prompt and first user turn. Every later turn starts
+        # with them, so every turn of a conversation gets the same key and lands where the
+        # earlier turns left their KV blocks. (Keying on everything before the last turn would
+        # give each turn a new key.) Conversations that only share a system prompt spread out;
+        # each worker caches that prompt once.
+        root = []
+        for message in request.messages:
+            root.append(message)
+            if message.role != "system":
+                break
+        return b"chat\0" + orjson.dumps([[m.role, m.content] for m in root])
     assert request.prompt is not None
     return b"prompt\0" + request.prompt[:PROMPT_PREFIX_CHARS].encode()
 

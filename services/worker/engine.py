@@ -84,12 +84,13 @@ def seconds_until(deadline_ms: int | None) -> float | None:
 
 
 class _KvUsage:
-    """A vLLM stat logger that keeps the last KV-cache usage the scheduler reported."""
+    """A vLLM stat logger that keeps the last KV-cache usage the scheduler reported, for one engine."""
 
-    usage: float | None = None
+    def __init__(self):
+        self.usage: float | None = None
 
-    def __init__(self, vllm_config=None, engine_index: int = 0):
-        pass
+    def factory(self, vllm_config=None, engine_index: int = 0) -> _KvUsage:
+        return self
 
     def record(self, scheduler_stats=None, iteration_stats=None, *args, **kwargs) -> None:
         if scheduler_stats is not None:
@@ -97,7 +98,7 @@ class _KvUsage:
             if usage is None:
                 usage = getattr(scheduler_stats, "gpu_cache_usage", None)
             if usage is not None:
-                _KvUsage.usage = float(usage)
+                self.usage = float(usage)
 
     def log(self) -> None:
         pass
@@ -112,8 +113,9 @@ class _KvUsage:
 class Engine:
     """One vLLM AsyncLLM and the tokenizer that renders chat requests for it."""
 
-    def __init__(self, llm, tokenizer, config: EngineConfig):
+    def __init__(self, llm, tokenizer, config: EngineConfig, kv: _KvUsage | None = None):
         self._llm = llm
+        self._kv = kv or _KvUsage()
         self._tokenizer = tokenizer
         self.config = config
 
@@ -138,10 +140,11 @@ class Engine:
             disable_log_stats=False,  # the scheduler's stats feed the load report's KV usage
         )
         started = time.monotonic()
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=[_KvUsage])
+        kv = _KvUsage()
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=[kv.factory])
         log.info("engine for %s ready in %.1f s", config.model_path.name, time.monotonic() - started)
         tokenizer = AutoTokenizer.from_pretrained(str(config.model_path))
-        return cls(llm, tokenizer, config)
+        return cls(llm, tokenizer, config, kv)
 
     def render(self, request: InferenceRequest) -> list[int]:
         """The prompt token ids: the chat template applied to messages, or the prompt encoded."""
@@ -231,7 +234,7 @@ class Engine:
         )
 
     def load(self) -> dict[str, float | None]:
-        return {"kv_usage": _KvUsage.usage}
+        return {"kv_usage": self._kv.usage}
 
     def shutdown(self) -> None:
         if self._llm is not None:

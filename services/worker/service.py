@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 2.0
 HEALTH_WINDOW_S = 60.0
+# While full, poll (with every partition paused) at least this often, well inside the consumer's
+# max.poll.interval, so the group never takes a busy worker for a dead one.
+POLL_EVERY_S = 30.0
 
 
 class Worker:
@@ -56,6 +59,7 @@ class Worker:
         self._offsets = OffsetTracker()
         self._committed: dict[TopicPartition, int] = {}
         self._tasks: dict[asyncio.Task, TopicPartition] = {}
+        self._room = asyncio.Event()  # set when a request finishes: a slot is free
         self._consumer = None
         self._fatal: BaseException | None = None
         # (monotonic s, latency ms, failed, prompt tokens, of them from the prefix cache)
@@ -81,25 +85,36 @@ class Worker:
             raise self._fatal
 
     async def _consume(self, consumer, outcomes: Outcomes, stop: asyncio.Event) -> None:
-        last_commit = time.monotonic()
+        last_commit = last_poll = time.monotonic()
         while not stop.is_set() and self._fatal is None:
+            if time.monotonic() - last_commit >= self._commit_interval_s:
+                await self._commit()
+                last_commit = time.monotonic()
             free = self._max_in_flight - len(self._tasks)
-            # Full: pause every partition but keep polling, so the group still sees this
-            # consumer alive while Kafka, not this process, holds the backlog.
             if free <= 0:
-                consumer.pause(*consumer.assignment())
-            else:
-                consumer.resume(*consumer.paused())
-            batch = await consumer.getmany(timeout_ms=100, max_records=max(free, 1))
+                # Full: wait for a request to finish, and take the next one the moment one does.
+                # The consumer's prefetch stays buffered (bounded by its fetch sizes) and Kafka
+                # holds the rest. Heartbeats run on their own; a poll now and then, with every
+                # partition paused so nothing comes back, keeps max.poll.interval from expiring.
+                self._room.clear()
+                try:
+                    await asyncio.wait_for(self._room.wait(), timeout=1.0)
+                except TimeoutError:
+                    if time.monotonic() - last_poll > POLL_EVERY_S:
+                        assigned = consumer.assignment()
+                        consumer.pause(*assigned)
+                        await consumer.getmany(timeout_ms=0)
+                        consumer.resume(*assigned)
+                        last_poll = time.monotonic()
+                continue
+            batch = await consumer.getmany(timeout_ms=100, max_records=free)
+            last_poll = time.monotonic()
             for tp, records in batch.items():
                 for record in records:
                     self._offsets.start(tp, record.offset)
                     task = asyncio.create_task(self._handle(record, outcomes))
                     self._tasks[task] = tp
                     task.add_done_callback(lambda t, off=record.offset: self._done(t, off))
-            if time.monotonic() - last_commit >= self._commit_interval_s:
-                await self._commit()
-                last_commit = time.monotonic()
         if self._fatal is None:
             await self._drain()
         else:
@@ -108,6 +123,7 @@ class Worker:
 
     def _done(self, task: asyncio.Task, offset: int) -> None:
         tp = self._tasks.pop(task)
+        self._room.set()
         if task.cancelled():
             return
         if task.exception() is None:

@@ -1,4 +1,5 @@
-"""The prefix-hash key: same conversation, same key; a new turn keeps it; tenants never share one."""
+"""The prefix-hash key: every turn of a conversation gets the same key; other conversations spread;
+tenants never share one."""
 
 from schemas import InferenceRequest
 from shared.prefix import PROMPT_PREFIX_CHARS, prefix_hash
@@ -11,18 +12,19 @@ def req(messages=None, prompt=None, tenant="acme", prefix_key=None) -> Inference
                             prefix_key=prefix_key)
 
 
-def test_same_history_different_last_turn_shares_a_key():
-    a = req([SYSTEM, {"role": "user", "content": "What is a river?"}])
-    b = req([SYSTEM, {"role": "user", "content": "How tall is the mountain?"}])
-    assert prefix_hash(a) == prefix_hash(b)
-
-
-def test_a_growing_conversation_is_keyed_by_what_came_before_the_last_turn():
+def test_every_turn_of_a_conversation_shares_its_key():
     turn1 = [SYSTEM, {"role": "user", "content": "Hello"}]
     turn2 = turn1 + [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Tell me more"}]
-    other = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Hello"}]
-    assert prefix_hash(req(turn2)) != prefix_hash(req(other))
-    assert prefix_hash(req(turn2)) == prefix_hash(req(turn2[:-1] + [{"role": "user", "content": "and more"}]))
+    turn3 = turn2 + [{"role": "assistant", "content": "Rivers..."}, {"role": "user", "content": "And seas?"}]
+    assert prefix_hash(req(turn1)) == prefix_hash(req(turn2)) == prefix_hash(req(turn3))
+    assert prefix_hash(req(turn1[1:])) == prefix_hash(req(turn2[1:]))  # without a system prompt too
+
+
+def test_conversations_that_share_only_a_system_prompt_spread():
+    a = req([SYSTEM, {"role": "user", "content": "What is a river?"}])
+    b = req([SYSTEM, {"role": "user", "content": "How tall is the mountain?"}])
+    other = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "What is a river?"}]
+    assert len({prefix_hash(a), prefix_hash(b), prefix_hash(req(other))}) == 3
 
 
 def test_single_message_requests_spread_by_content():
