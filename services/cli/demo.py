@@ -13,7 +13,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from schemas import Status
+from schemas import Status, StreamDelta
 from services.stack.supervisor import read_state, state_path
 from services.worker import tiny_model
 from shared.client import Client
@@ -130,6 +130,7 @@ async def _load(state: dict, requests: int, concurrency: int) -> dict:
                             max_tokens=4, timeout_s=WARMUP_TIMEOUT_S)
             for route in ROUTES
         ))
+        streamed = await _stream_one(client)
         _step(f"engines answering after {time.monotonic() - warm:.0f} s; "
               f"sending {requests} requests for {len(TENANTS)} tenants over routes chat and faq")
         rng = random.Random(7)
@@ -156,6 +157,7 @@ async def _load(state: dict, requests: int, concurrency: int) -> dict:
     labels = [label for *_, label in plan]
     hard = [r for r, label in zip(results, labels) if label == "hard"]
     return {
+        "streamed": streamed,
         "sent": requests,
         "answered": len(results),
         "by_status": by_status,
@@ -170,6 +172,21 @@ async def _load(state: dict, requests: int, concurrency: int) -> dict:
         # What the same answers would have cost with every request run on the large model.
         "tokens": [(r.tokens_in, r.tokens_out) for r in results if r.status == Status.ok],
     }
+
+
+async def _stream_one(client: Client) -> dict:
+    """One streamed request (booked under the warm-up tenant): when its first text came, and its whole answer."""
+    sent = time.monotonic()
+    first_ms, pieces, result = None, 0, None
+    async for piece in client.stream(tenant="warmup", route="chat", max_tokens=48,
+                                     messages=[{"role": "user", "content": "Tell me about the sea."}]):
+        if isinstance(piece, StreamDelta):
+            pieces += 1
+            first_ms = first_ms if first_ms is not None else (time.monotonic() - sent) * 1000
+        else:
+            result = piece
+    return {"pieces": pieces, "first_ms": first_ms, "total_ms": (time.monotonic() - sent) * 1000,
+            "model": result.model if result else None, "tokens_out": result.tokens_out if result else 0}
 
 
 def _count(values) -> dict[str, int]:
@@ -228,6 +245,11 @@ def _report(settings: Settings, state: dict, stats: dict, since: datetime, elaps
           f"{stats['hard_to_large']} of {stats['hard']} requests labeled hard reached the large model.")
     print(f"Cost {total['cost_nano_usd'] / 1e7:.4f} cents against {all_large / 1e7:.4f} cents with every request "
           f"on the large model: {saved:.0%} saved.")
+    streamed = stats["streamed"]
+    if streamed["first_ms"] is not None:
+        print(f"Streaming: a request on chat came back in {streamed['pieces']} pieces from {streamed['model']}, "
+              f"the first after {streamed['first_ms']:.0f} ms, all {streamed['tokens_out']} tokens after "
+              f"{streamed['total_ms']:.0f} ms.")
     print(f"Demo took {elapsed_s:.0f} s in all.")
     print()
     print("Where the data lives:")
