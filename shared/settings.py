@@ -21,6 +21,7 @@ class Settings:
     bootstrap: str | None = None
     redis_url: str | None = None
     clickhouse_dsn: str | None = None
+    cost_ttl_days: int | None = None
     data_dir: Path = field(default_factory=lambda: Path(".switchyard").resolve())
     policy_file: Path = DEFAULT_POLICY
     topic_prefix: str = "switchyard"
@@ -71,6 +72,9 @@ class Settings:
         embeddings = (get("SWITCHYARD_EMBEDDINGS") or "on").lower()
         if embeddings not in ("on", "off"):
             raise ConfigError(f"SWITCHYARD_EMBEDDINGS must be on or off, got {embeddings!r}")
+        ttl_days = get("SWITCHYARD_COST_TTL_DAYS")
+        if ttl_days is not None and not (ttl_days.isdigit() and int(ttl_days) > 0):
+            raise ConfigError(f"SWITCHYARD_COST_TTL_DAYS must be a positive number of days, got {ttl_days!r}")
         metrics_port = get("SWITCHYARD_METRICS_PORT")
         if metrics_port is not None and not (metrics_port.isdigit() and 0 < int(metrics_port) < 65536):
             raise ConfigError(f"SWITCHYARD_METRICS_PORT must be a port number, got {metrics_port!r}")
@@ -78,6 +82,7 @@ class Settings:
             bootstrap=get("SWITCHYARD_BOOTSTRAP"),
             redis_url=redis_url,
             clickhouse_dsn=dsn,
+            cost_ttl_days=int(ttl_days) if ttl_days else None,
             data_dir=Path(get("SWITCHYARD_DATA_DIR") or ".switchyard").resolve(),
             policy_file=policy,
             topic_prefix=get("SWITCHYARD_TOPIC_PREFIX") or "switchyard",

@@ -53,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--hidden", type=int, default=128, help="hidden size, a multiple of 64")
     tiny.add_argument("--seed", type=int, default=0)
 
+    cost = sub.add_parser("cost", help="what tenants, routes and models cost, from the books in ClickHouse")
+    cost.add_argument("--by", default="tenant", help="comma-separated: tenant, route, model, hour (default tenant)")
+    cost.add_argument("--since", default="24h", help="a span back from now (90m, 24h, 7d, 2w) or an ISO date/time")
+    cost.add_argument("--until", help="the same forms; default now")
+    cost.add_argument("--tenant", help="only this tenant")
+    cost.add_argument("--route", help="only this route")
+    cost.add_argument("--versus", help="the model to price the same tokens at (default: the dearest of the hard tier)")
+    cost.add_argument("--json", action="store_true", help="as JSON instead of a table")
     demo = sub.add_parser("demo", help="run the local stack, send requests for three tenants, print what they cost")
     demo.add_argument("--requests", type=int, default=300)
     demo.add_argument("--concurrency", type=int, default=48)
@@ -105,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
 
             path = generate(args.path, layers=args.layers, hidden=args.hidden, seed=args.seed)
             print(f"tiny model written to {path}")
+        elif args.command == "cost":
+            from services.cli.cost import main as cost
+
+            return cost(settings, by=args.by, since=args.since, until=args.until, tenant=args.tenant,
+                        route=args.route, versus=args.versus, as_json=args.json)
         elif args.command == "demo":
             from services.cli.demo import demo
 

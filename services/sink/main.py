@@ -16,7 +16,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         raise ConfigError("a sink needs SWITCHYARD_BOOTSTRAP (or run `switchyard up`)")
     await wait_for_broker(settings.bootstrap)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = CostStore.connect(settings.dsn())
+    store = CostStore.connect(settings.dsn(), ttl_days=settings.cost_ttl_days)
     try:
         await Sink(bootstrap=settings.bootstrap, topics=settings.topics, store=store).run(stop)
     finally:

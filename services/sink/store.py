@@ -60,6 +60,48 @@ DDL = [
     FROM {TABLE} FINAL
     GROUP BY hour, tenant, route, model
     """,
+    # Each request has exactly one attempt-0 record, so counting those counts requests once, however
+    # many models it went on to (escalations and fallbacks are attempts 1, 2, ...).
+    f"""
+    CREATE VIEW IF NOT EXISTS {DATABASE}.cache_by_route AS
+    SELECT
+        toStartOfHour(ts) AS hour, route,
+        countIf(attempt = 0) AS requests,
+        countIf(attempt = 0 AND cache_hit = 'exact') AS exact_hits,
+        countIf(attempt = 0 AND cache_hit = 'semantic') AS semantic_hits,
+        countIf(attempt = 0 AND cache_hit = 'idempotent') AS repeats,
+        countIf(attempt = 0 AND cache_hit != 'none') / greatest(countIf(attempt = 0), 1) AS hit_rate
+    FROM {TABLE} FINAL
+    GROUP BY hour, route
+    """,
+    f"""
+    CREATE VIEW IF NOT EXISTS {DATABASE}.latency_by_route_model AS
+    SELECT
+        toStartOfHour(ts) AS hour, route, model,
+        count() AS records,
+        quantile(0.5)(latency_ms) AS p50_latency_ms,
+        quantile(0.95)(latency_ms) AS p95_latency_ms,
+        quantile(0.99)(latency_ms) AS p99_latency_ms,
+        quantile(0.5)(ttft_ms) AS p50_ttft_ms,
+        quantile(0.95)(ttft_ms) AS p95_ttft_ms
+    FROM {TABLE} FINAL
+    WHERE model != ''
+    GROUP BY hour, route, model
+    """,
+    f"""
+    CREATE VIEW IF NOT EXISTS {DATABASE}.escalation_by_route AS
+    SELECT
+        hour, route,
+        count() AS requests,
+        countIf(attempts > 1) AS handed_on,
+        countIf(attempts > 1) / count() AS handed_on_rate
+    FROM (
+        SELECT toStartOfHour(min(ts)) AS hour, route, request_id, count() AS attempts
+        FROM {TABLE} FINAL
+        GROUP BY route, request_id
+    )
+    GROUP BY hour, route
+    """,
 ]
 
 
@@ -77,8 +119,9 @@ class CostStore:
         self._client = client
 
     @classmethod
-    def connect(cls, dsn: str) -> CostStore:
-        """Open the store at `dsn` (chdb:///abs/path or http(s)://...) and make sure its tables exist."""
+    def connect(cls, dsn: str, *, ttl_days: int | None = None) -> CostStore:
+        """Open the store at `dsn` (chdb:///abs/path or http(s)://...) and make sure its tables exist.
+        `ttl_days`: drop records older than that (by the request's time); None keeps them all."""
         if dsn.startswith("chdb://") and not dsn.startswith("chdb:///"):
             raise ConfigError(f"a chDB DSN needs an absolute path (chdb:///abs/path), got {dsn!r}")
         try:
@@ -88,6 +131,8 @@ class CostStore:
         store = cls(client)
         for statement in DDL:
             client.command(statement)
+        if ttl_days is not None:
+            client.command(f"ALTER TABLE {TABLE} MODIFY TTL toDateTime(ts) + INTERVAL {int(ttl_days)} DAY")
         return store
 
     def insert(self, records: list[CostRecord]) -> None:
