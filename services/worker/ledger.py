@@ -19,6 +19,8 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from schemas import InferenceResult
+
 log = logging.getLogger(__name__)
 
 PREFIX = "switchyard:outcome:"
@@ -40,6 +42,8 @@ class Outcome:
     final: bool  # False: handed on to another model, which will answer
     # Sent best effort after the messages, not recorded: what the request's answer does not need.
     notes: tuple[Sent, ...] = ()
+    # The final result as an object, when this worker made it (not recorded: the reply holds it).
+    result: InferenceResult | None = None
 
 
 def _key(request_id: str, attempt: int) -> str:

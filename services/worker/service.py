@@ -16,8 +16,8 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from schemas import (CacheHit, ConfidenceCheck, ErrorInfo, InferenceResult, Latency, ModelHealth, RoutedRequest, Status, StreamDelta,
-                     now_ms)
+from schemas import (CacheHit, ConfidenceCheck, ErrorInfo, InferenceResult, Latency, ModelHealth, RoutedRequest,
+                     Status, StreamDelta, now_ms)
 from services.worker.engine import Backend
 from services.worker.ledger import Ledger, Outcome, Sent
 from services.worker.offsets import OffsetTracker
@@ -176,7 +176,7 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - a lost note must never cost an answer
                 log.warning("could not send a note on %s: %r", request.id, exc)
         if outcome.final and routed.memo is not None and self._memory is not None:
-            result = decode(InferenceResult, outcome.messages[0].value)
+            result = outcome.result or decode(InferenceResult, outcome.messages[0].value)
             await self._remember(routed, result, outcomes)
 
     @staticmethod
@@ -194,7 +194,7 @@ class Worker:
             return Outcome(final=True, messages=[
                 Sent(self._topics.replies(request.reply_to), reply_key(request.id), encode(result)),
                 Sent(self._topics.costs, cost_key(request.id), encode(cost)),
-            ], notes=check)
+            ], notes=check, result=result)
         index = routed.fallbacks.index(hop)
         onward = routed.model_copy(update={
             "model": hop.model, "price": hop.price, "rank": hop.rank, "attempt": routed.attempt + 1,
@@ -210,12 +210,10 @@ class Worker:
 
     def _confidence_check(self, routed: RoutedRequest, result: InferenceResult, *, escalated: bool) -> tuple[Sent, ...]:
         """The record of a confidence check, where one was made: the router learns from them."""
-        threshold = routed.escalate_below
-        if (threshold is None or result.status != Status.ok or result.confidence is None
-                or not any(h.rank > routed.rank for h in routed.fallbacks)):
+        if _checked_for(routed, result) is None:
             return ()
         check = ConfidenceCheck(request=routed.request, model=self.model, confidence=result.confidence,
-                                threshold=threshold, escalated=escalated, ts_ms=now_ms())
+                                threshold=routed.escalate_below, escalated=escalated, ts_ms=now_ms())
         return (Sent(self._topics.escalations, routed.request.id.encode(), encode(check)),)
 
     def _next_hop(self, routed: RoutedRequest, result: InferenceResult, moves_on: bool):
@@ -223,13 +221,10 @@ class Worker:
         if moves_on and routed.fallbacks:
             code = result.error.code if result.error else result.status.value
             return routed.fallbacks[0], f"{self.model} failed ({code}): moved on to the next model"
-        threshold = routed.escalate_below
-        if (result.status == Status.ok and threshold is not None and result.confidence is not None
-                and result.confidence < threshold):
-            stronger = next((h for h in routed.fallbacks if h.rank > routed.rank), None)
-            if stronger is not None:
-                return stronger, (f"escalated: confidence {result.confidence:.3f} from {self.model} "
-                                  f"is below the route's {threshold}")
+        stronger = _checked_for(routed, result)
+        if stronger is not None and result.confidence < routed.escalate_below:
+            return stronger, (f"escalated: confidence {result.confidence:.3f} from {self.model} "
+                              f"is below the route's {routed.escalate_below}")
         return None, ""
 
     def _streamer(self, routed: RoutedRequest, outcomes: Outcomes):
@@ -341,18 +336,27 @@ class Worker:
             confidence=done.confidence,
             error=ErrorInfo(code="deadline_passed", message=(
                 f"the deadline passed during generation; stopped after {done.tokens_out} tokens")) if done.expired else None,
+            **self._stamped(routed),
         )
-        result = self._stamp(result, routed)
         # What ran is billed, also when the deadline cut it short.
         cost = routed.price.cost_nano_usd(done.tokens_in, done.tokens_out)
         return result, cost_record(request, result, cost_nano_usd=cost, attempt=routed.attempt), False
 
-    def _stamp(self, result: InferenceResult, routed: RoutedRequest) -> InferenceResult:
+    def _stamped(self, routed: RoutedRequest) -> dict:
         """What every result of this attempt carries from the routing: tier, reasons, the models so far."""
-        return result.model_copy(update={
-            "tier": routed.tier, "route_reasons": routed.reasons,
-            "escalation_path": [*routed.escalation_path, self.model],
-        })
+        return {"tier": routed.tier, "route_reasons": routed.reasons,
+                "escalation_path": [*routed.escalation_path, self.model]}
+
+    def _stamp(self, result: InferenceResult, routed: RoutedRequest) -> InferenceResult:
+        return result.model_copy(update=self._stamped(routed))
+
+
+def _checked_for(routed: RoutedRequest, result: InferenceResult):
+    """The stronger model a confident-enough check would escalate to, where the answer is to be
+    checked at all (the route sets a threshold, the answer is ok and scored); else None."""
+    if routed.escalate_below is None or result.status != Status.ok or result.confidence is None:
+        return None
+    return next((h for h in routed.fallbacks if h.rank > routed.rank), None)
 
 
 class _CommitOnRevoke(ConsumerRebalanceListener):
