@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -117,8 +118,18 @@ def worker(broker, redis_url, topics, policy_file, model_path):
     proc.terminate()
     try:
         proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    finally:
+        kill_group(proc)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill whatever is left of a worker's process group: vLLM's engine processes outlive a worker
+    that was killed, and would hold their memory and cores for the rest of the session."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)
 
 
 def start_worker(broker, redis_url, topics, policy_file, model_path, *extra: str):
@@ -128,6 +139,7 @@ def start_worker(broker, redis_url, topics, policy_file, model_path, *extra: str
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "worker", "--model", "small", "--model-path", str(model_path), *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+        start_new_session=True,  # its own process group: with the engine's processes, stopped as one
     )
     ready = threading.Event()
     lines: list[str] = []

@@ -17,7 +17,7 @@ from aiokafka.structs import TopicPartition
 from schemas import InferenceResult, ModelHealth, Status
 from shared import kafka
 from shared.codec import decode
-from tests.integration.conftest import start_worker, wait_for_rows
+from tests.integration.conftest import kill_group, start_worker, wait_for_rows
 
 pytestmark = pytest.mark.integration
 
@@ -77,12 +77,15 @@ async def load_and_stop(client, broker, topics, worker_name: str, how: signal.Si
                         lines: list[str]) -> list[InferenceResult]:
     who = f"c{uuid.uuid4().hex[:8]}"
     sending = [asyncio.create_task(client.complete(
-        tenant=who, route="long", max_tokens=400, temperature=1.0, timeout_s=300,
+        tenant=who, route="long", max_tokens=900, temperature=1.0, timeout_s=300,
         messages=[{"role": "user", "content": f"story {i}: once upon a time"}])) for i in range(REQUESTS)]
     # Stop it while it has requests of its own in flight.
     busy = await next_report(broker, topics, lambda h: h.worker == worker_name and h.in_flight > 0, 120)
     assert busy is not None, "the second worker never took a request:\n" + "".join(lines[-30:])
-    os.kill(proc.pid, how)
+    if how == signal.SIGKILL:
+        os.killpg(proc.pid, how)  # the whole worker dies at once, engine processes too, as a container does
+    else:
+        os.kill(proc.pid, how)
     return await asyncio.gather(*sending)
 
 
@@ -93,8 +96,7 @@ async def test_sigterm_drains_in_flight_work_and_exits_cleanly(worker, router, s
         results = await load_and_stop(client, broker, topics, name, signal.SIGTERM, proc, lines)
         code = await asyncio.to_thread(proc.wait, 90)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_group(proc)
     assert code == 0, "".join(lines[-30:])
     assert any("draining" in line for line in lines), "".join(lines[-30:])
     assert all(r.status == Status.ok for r in results), [r.error for r in results if r.status != Status.ok]
@@ -109,9 +111,7 @@ async def test_a_worker_killed_mid_load_loses_nothing_and_bills_each_request_onc
     try:
         results = await load_and_stop(client, broker, topics, name, signal.SIGKILL, proc, lines)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
+        kill_group(proc)
     assert len({r.request_id for r in results}) == REQUESTS
     assert all(r.status == Status.ok for r in results), [r.error for r in results if r.status != Status.ok]
     # A request may be answered twice (finished, not yet committed, redelivered), but only ever
