@@ -16,3 +16,5 @@ def setup(service: str, level: str | None = None) -> None:
     root.setLevel(level)
     # aiokafka logs every rebalance step at INFO; only its warnings matter to a reader.
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    # httpx logs every request at INFO (the status page scrapes every few seconds).
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -28,6 +28,7 @@ from schemas import (
 )
 from schemas._base import NAME_PATTERN
 from schemas.cost import U32
+from shared import metrics
 from shared.codec import encode
 from shared.topics import Topics, cost_key, reply_key
 
@@ -140,6 +141,7 @@ class Outcomes:
             payload_bytes=len(value),
         )
         log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
+        metrics.DEAD_LETTERS.labels(record.topic, code).inc()
         return [await self.send(self._topics.dead_letter, encode(letter), record.key)]
 
     async def reply_error_to_sender(self, raw: object, code: str, message: str) -> list[asyncio.Future]:

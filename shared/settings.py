@@ -29,6 +29,7 @@ class Settings:
     classifier: Path | None = None
     embeddings: bool = True
     metrics_port: int | None = None
+    status_port: int | None = None
 
     @property
     def classifier_path(self) -> Path:
@@ -75,9 +76,8 @@ class Settings:
         ttl_days = get("SWITCHYARD_COST_TTL_DAYS")
         if ttl_days is not None and not (ttl_days.isdigit() and int(ttl_days) > 0):
             raise ConfigError(f"SWITCHYARD_COST_TTL_DAYS must be a positive number of days, got {ttl_days!r}")
-        metrics_port = get("SWITCHYARD_METRICS_PORT")
-        if metrics_port is not None and not (metrics_port.isdigit() and 0 < int(metrics_port) < 65536):
-            raise ConfigError(f"SWITCHYARD_METRICS_PORT must be a port number, got {metrics_port!r}")
+        metrics_port = _port(get("SWITCHYARD_METRICS_PORT"), "SWITCHYARD_METRICS_PORT")
+        status_port = _port(get("SWITCHYARD_STATUS_PORT"), "SWITCHYARD_STATUS_PORT")
         return cls(
             bootstrap=get("SWITCHYARD_BOOTSTRAP"),
             redis_url=redis_url,
@@ -89,5 +89,14 @@ class Settings:
             replication_factor=int(replication),
             classifier=Path(get("SWITCHYARD_CLASSIFIER")).resolve() if get("SWITCHYARD_CLASSIFIER") else None,
             embeddings=embeddings == "on",
-            metrics_port=int(metrics_port) if metrics_port else None,
+            metrics_port=metrics_port,
+            status_port=status_port,
         )
+
+
+def _port(value: str | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if not (value.isdigit() and 0 < int(value) < 65536):
+        raise ConfigError(f"{name} must be a port number, got {value!r}")
+    return int(value)

@@ -7,8 +7,6 @@ import logging
 
 from redis.asyncio import Redis
 
-from prometheus_client import start_http_server
-
 from services.router.classify import Classifier, Model
 from services.router.embed import Embedder
 from services.router.feed import PolicyFeed
@@ -17,6 +15,7 @@ from services.router.policy import load
 from services.router.limits import TenantLimiter
 from services.router.seen import ForwardedLog
 from services.router.service import Router
+from shared import metrics
 from shared.errors import ConfigError
 from shared.kafka import wait_for_broker
 from shared.memory import Memory
@@ -39,9 +38,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     embedder, classifier = await load_judgement(settings)
     semantic = SemanticIndex(redis) if embedder is not None else None
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port)
-        log.info("metrics on :%d/metrics", settings.metrics_port)
+    metrics.serve(settings.metrics_port, "router")
     try:
         if semantic is not None:
             await semantic.start()

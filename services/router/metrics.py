@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
+from shared.metrics import LATENCY_BUCKETS
+
+UNKNOWN_ROUTE = "_unknown"
+
 REQUESTS = Counter("switchyard_router_requests_total", "Requests the router took, by how they ended there.",
                    ["route", "outcome"])
 DECISIONS = Counter("switchyard_router_decisions_total", "Routing decisions, by chosen tier and model and why.",
@@ -14,6 +18,10 @@ CACHE = Counter("switchyard_router_cache_total", "Cache and repeat lookups, by k
 DECISION_SECONDS = Histogram(
     "switchyard_router_decision_seconds", "From taking a request off its topic to handing it to the producer.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+QUEUE_WAIT = Histogram(
+    "switchyard_router_queue_wait_seconds", "From a request's creation to the router taking it off its topic.",
+    ["priority"], buckets=LATENCY_BUCKETS,
 )
 EMBED_SECONDS = Histogram("switchyard_router_embed_seconds", "Embedding one batch of conversations.",
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))

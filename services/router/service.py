@@ -32,6 +32,7 @@ from services.router.limits import TenantLimiter
 from services.router.priority import Lanes
 from services.router.seen import ForwardedLog, content_digest
 from shared import kafka
+from shared import metrics as shared_metrics
 from shared.codec import decode, encode
 from shared.errors import InputError, UndecodableMessage
 from shared.memory import Memory, cache_namespace, content_hash, exact_key, idempotency_key, replay
@@ -84,6 +85,7 @@ class Router:
         await producer.start()
         consumers: dict[Priority, object] = {}
         following = watching = None
+        lag = []
         try:
             for priority in Priority:
                 consumers[priority] = kafka.consumer(self._bootstrap, self._topics.requests(priority),
@@ -95,10 +97,12 @@ class Router:
             following = asyncio.create_task(self._feed.follow(self.apply_policy, stop)) if self._feed else None
             watching = (asyncio.create_task(self.health.follow(self._bootstrap, self._topics, stop))
                         if self.health is not None else None)
+            lag = [asyncio.create_task(shared_metrics.track_lag(c, f"{self._group_id}.{p.value}", stop))
+                   for p, c in consumers.items()]
             self.lanes = Lanes(consumers, max_batch=self._max_batch, min_share=self._min_share)
             await self._consume(self.lanes, Outcomes(producer, self._topics), stop)
         finally:
-            for task in (following, watching):
+            for task in (following, watching, *lag):
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
@@ -134,12 +138,15 @@ class Router:
         answers: list[_Answer] = []
         best_effort: list[asyncio.Future] = []
         decoded: list[tuple[ConsumerRecord, InferenceRequest, str]] = []
+        now = now_ms()
         for record in records:
             try:
                 if record.value is not None and len(record.value) > MAX_REQUEST_BYTES:
                     raise _TooLarge(f"the message is {len(record.value)} bytes; requests may be at most "
                                     f"{MAX_REQUEST_BYTES}")
-                decoded.append((record, decode(InferenceRequest, record.value), content_digest(record.value)))
+                request = decode(InferenceRequest, record.value)
+                decoded.append((record, request, content_digest(record.value)))
+                metrics.QUEUE_WAIT.labels(request.priority.value).observe(max(0, now - request.created_at_ms) / 1000)
             except UndecodableMessage as exc:
                 self._count("", "dead_lettered")
                 answers.append(_Answer(record, None, await outcomes.dead_letter(record, exc.code, str(exc))))
@@ -211,7 +218,7 @@ class Router:
         for p in await self._remembered(allowed, answers, outcomes):
             request, routed = p.request, p.routed
             self._count(request.route, "routed")
-            metrics.DECISIONS.labels(request.route, routed.tier or "", routed.model,
+            metrics.DECISIONS.labels(self._label(request.route), routed.tier or "", routed.model,
                                      metrics.basis(routed.reasons[0])).inc()
             try:
                 value = encode(routed)
@@ -275,11 +282,11 @@ class Router:
         for p in allowed:
             hit, kind = hits.get(id(p)), CacheHit.exact
             if p.policy.cache.exact:
-                metrics.CACHE.labels(p.request.route, "exact", "hit" if hit else "miss").inc()
+                metrics.CACHE.labels(self._label(p.request.route), "exact", "hit" if hit else "miss").inc()
             if hit is None and p.vector is not None and p.policy.cache.semantic:
                 found = self._semantic.lookup(cache_namespace(p.request, p.policy), p.vector,
                                               p.policy.cache.semantic_threshold)
-                metrics.CACHE.labels(p.request.route, "semantic", "hit" if found else "miss").inc()
+                metrics.CACHE.labels(self._label(p.request.route), "semantic", "hit" if found else "miss").inc()
                 if found is not None:
                     hit, kind = found[0], CacheHit.semantic
             if hit is not None:
@@ -296,13 +303,13 @@ class Router:
             claim = claimed.get(id(p))
             if claim is not None and claim.state == "done":
                 self._count(p.request.route, "repeat_answered")
-                metrics.CACHE.labels(p.request.route, "idempotency", "hit").inc()
+                metrics.CACHE.labels(self._label(p.request.route), "idempotency", "hit").inc()
                 answers.append(_Answer(p.record, p.entry, await self._answer(
                     outcomes, p.request, claim.first, CacheHit.idempotent)))
             elif claim is not None and claim.state == "waiting":
                 # The worker running the first one answers this one too when it finishes.
                 self._count(p.request.route, "repeat_waiting")
-                metrics.CACHE.labels(p.request.route, "idempotency", "wait").inc()
+                metrics.CACHE.labels(self._label(p.request.route), "idempotency", "wait").inc()
                 answers.append(_Answer(p.record, p.entry, []))
             else:
                 p.routed = p.routed.model_copy(update={"memo": self._memo(p, claim is not None)})
@@ -331,7 +338,12 @@ class Router:
 
     def _count(self, route: str, outcome: str) -> None:
         self.counts[outcome] += 1
-        metrics.REQUESTS.labels(route, outcome).inc()
+        metrics.REQUESTS.labels(self._label(route), outcome).inc()
+
+    def _label(self, route: str) -> str:
+        """A sender may name any route (the default policy may serve it): only the policy's own
+        routes become label values, so the metrics' cardinality stays bounded."""
+        return route if route in self.policies.routes else metrics.UNKNOWN_ROUTE
 
     async def _settle(self, answers: list[_Answer], best_effort: list[asyncio.Future], outcomes: Outcomes) -> bool:
         """Wait for the broker. A message it will never take (too large, topic missing) is dead-lettered

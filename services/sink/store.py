@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
-
 import clickhouse_connect
 
 from schemas import CostRecord
@@ -15,8 +13,10 @@ log = logging.getLogger(__name__)
 DATABASE = "switchyard"
 TABLE = f"{DATABASE}.cost_records"
 
+# The columns a batch names, in the cost record's own field names: ts_ms is an EPHEMERAL column
+# that `ts` is computed from, so the records' JSON goes in as it is (JSONEachRow), parsed by ClickHouse.
 COLUMNS = [
-    "request_id", "attempt", "ts", "tenant", "route", "model", "priority", "status", "cache_hit",
+    "request_id", "attempt", "ts_ms", "tenant", "route", "model", "priority", "status", "cache_hit",
     "tokens_in", "tokens_out", "cached_tokens", "cost_nano_usd", "latency_ms", "ttft_ms",
 ]
 
@@ -29,7 +29,8 @@ DDL = [
     CREATE TABLE IF NOT EXISTS {TABLE} (
         request_id String,
         attempt UInt16,
-        ts DateTime64(3, 'UTC'),
+        ts_ms Int64 EPHEMERAL,
+        ts DateTime64(3, 'UTC') DEFAULT fromUnixTimestamp64Milli(ts_ms, 'UTC'),
         tenant LowCardinality(String),
         route LowCardinality(String),
         model LowCardinality(String),
@@ -105,13 +106,18 @@ DDL = [
 ]
 
 
-def _row(record: CostRecord) -> list:
-    return [
-        record.request_id, record.attempt, datetime.fromtimestamp(record.ts_ms / 1000, tz=timezone.utc),
-        record.tenant, record.route, record.model, record.priority, record.status.value, record.cache_hit.value,
-        record.tokens_in, record.tokens_out, record.cached_tokens, record.cost_nano_usd, record.latency_ms,
-        record.ttft_ms,
-    ]
+# Books written before ts_ms became the way in get it added; `ts` then takes its value from it.
+MIGRATIONS = [
+    f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS ts_ms Int64 EPHEMERAL",
+    f"ALTER TABLE {TABLE} MODIFY COLUMN ts DateTime64(3, 'UTC') DEFAULT fromUnixTimestamp64Milli(ts_ms, 'UTC')",
+]
+# Fields of the record that are not columns (schema_version) are skipped, not refused.
+INSERT_SETTINGS = {"input_format_skip_unknown_fields": 1}
+
+
+def rows_json(records: list[CostRecord]) -> bytes:
+    """Cost records as JSONEachRow, canonical (what pydantic validated, written back out)."""
+    return b"\n".join(r.model_dump_json().encode() for r in records)
 
 
 class CostStore:
@@ -131,13 +137,22 @@ class CostStore:
         store = cls(client)
         for statement in DDL:
             client.command(statement)
+        if not client.command(f"SELECT count() FROM system.columns WHERE database = '{DATABASE}' "
+                              "AND table = 'cost_records' AND name = 'ts_ms'"):
+            for statement in MIGRATIONS:
+                client.command(statement)
         if ttl_days is not None:
             client.command(f"ALTER TABLE {TABLE} MODIFY TTL toDateTime(ts) + INTERVAL {int(ttl_days)} DAY")
         return store
 
     def insert(self, records: list[CostRecord]) -> None:
         if records:
-            self._client.insert(TABLE, [_row(r) for r in records], column_names=COLUMNS)
+            self.insert_json(rows_json(records))
+
+    def insert_json(self, rows: bytes) -> None:
+        """Insert cost records given as JSONEachRow (validated CostRecords, one per line)."""
+        if rows:
+            self._client.raw_insert(TABLE, COLUMNS, rows, fmt="JSONEachRow", settings=INSERT_SETTINGS)
 
     def query(self, sql: str, parameters: dict | None = None) -> list[dict]:
         result = self._client.query(sql, parameters=parameters)

@@ -23,6 +23,7 @@ from pathlib import Path
 from services.router import feed
 from services.router.policy import load
 from services.stack import infra
+from services.stack.status import StatusPage
 from services.worker import tiny_model
 from shared.errors import ConfigError
 from shared.kafka import prepare
@@ -31,6 +32,7 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 STATE_FILE = "stack.json"
+DEFAULT_STATUS_PORT = 8700
 SERVICE_STOP_GRACE_S = 60.0
 
 
@@ -50,8 +52,10 @@ def read_state(settings: Settings) -> dict | None:
 
 
 class _Child:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str]):
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], metrics_port: int):
         self.name = name
+        self.metrics_port = metrics_port
+        env = {**env, "SWITCHYARD_METRICS_PORT": str(metrics_port)}
         self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      start_new_session=True, text=True, errors="replace")
         self._pump = threading.Thread(target=self._print_lines, daemon=True)
@@ -100,6 +104,7 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     code = 0
+    page = None
     try:
         bootstrap = settings.bootstrap
         if not bootstrap:
@@ -139,16 +144,30 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
         # vLLM warns at length about CPU tuning it cannot do here; its errors still show.
         env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         me = [sys.executable, "-m", "services.cli.main"]
-        children.append(_Child("sink", me + ["sink"], env))
-        children.append(_Child("router", me + ["router"], env))
+        # Each child serves its metrics on a port of its own: SWITCHYARD_METRICS_PORT and up, or
+        # free ones the kernel picks.
+        base = settings.metrics_port
+        ports = iter(range(base, base + 2 + len(models)) if base else [])
+
+        def port() -> int:
+            return next(ports, None) or infra.free_port()
+
+        children.append(_Child("sink", me + ["sink"], env, port()))
+        children.append(_Child("router", me + ["router"], env, port()))
         for model in models:
-            children.append(_Child(f"worker.{model}", me + ["worker", "--model", model], env))
+            children.append(_Child(f"worker.{model}", me + ["worker", "--model", model], env, port()))
+        targets = {c.name: f"http://127.0.0.1:{c.metrics_port}/metrics" for c in children}
+        page = StatusPage(targets, infra.free_port(settings.status_port or DEFAULT_STATUS_PORT))
+        status_url = page.start()
         state_path(settings).write_text(json.dumps({
             "pid": os.getpid(), "bootstrap": bootstrap, "redis_url": redis_url, "clickhouse_dsn": settings.dsn(),
             "topic_prefix": settings.topic_prefix, "models": models, "started_at": time.time(),
+            "metrics": targets, "status_url": status_url,
         }) + "\n")
+        for name, url in targets.items():
+            print(f"metrics      | {name} at {url}", flush=True)
         print(f"stack        | up: broker {bootstrap}, redis {redis_url}, ClickHouse {settings.dsn()}; "
-              f"Ctrl-C stops everything", flush=True)
+              f"status page {status_url}; Ctrl-C stops everything", flush=True)
 
         while not stopping.wait(0.5):
             dead = [c for c in children if c.proc.poll() is not None]
@@ -168,6 +187,8 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
                     child.proc.send_signal(signal.SIGTERM)
             for child in batch:
                 child.stop(SERVICE_STOP_GRACE_S)
+        if page is not None:
+            page.stop()
         for proc in reversed(infra_procs):
             proc.stop()
         state_path(settings).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from schemas.request import InferenceRequest
+from services.worker import metrics
 from shared.errors import ConfigError, EngineDead, EngineError, InputTooLarge
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,11 @@ class EngineConfig:
     kv_cache_gib: int = 1
     enable_prefix_caching: bool = True
     seed: int = 0
+    name: str | None = None  # the model's name in the policy, for metrics; the folder's name if unset
+
+    @property
+    def label(self) -> str:
+        return self.name or self.model_path.name
 
 
 @dataclass(frozen=True)
@@ -84,10 +90,13 @@ def seconds_until(deadline_ms: int | None) -> float | None:
 
 
 class _KvUsage:
-    """A vLLM stat logger that keeps the last KV-cache usage the scheduler reported, for one engine."""
+    """A vLLM stat logger for one engine: keeps the last KV-cache usage the scheduler reported for
+    the load report, and feeds the batch-size histogram and KV gauge."""
 
-    def __init__(self):
+    def __init__(self, model: str = ""):
         self.usage: float | None = None
+        self._batch = metrics.ENGINE_BATCH.labels(model)
+        self._kv = metrics.KV_USAGE.labels(model)
 
     def factory(self, vllm_config=None, engine_index: int = 0) -> _KvUsage:
         return self
@@ -99,6 +108,10 @@ class _KvUsage:
                 usage = getattr(scheduler_stats, "gpu_cache_usage", None)
             if usage is not None:
                 self.usage = float(usage)
+                self._kv.set(self.usage)
+            running = getattr(scheduler_stats, "num_running_reqs", None)
+            if running:
+                self._batch.observe(running)
 
     def log(self) -> None:
         pass
@@ -140,7 +153,7 @@ class Engine:
             disable_log_stats=False,  # the scheduler's stats feed the load report's KV usage
         )
         started = time.monotonic()
-        kv = _KvUsage()
+        kv = _KvUsage(config.label)
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[kv.factory])
         log.info("engine for %s ready in %.1f s", config.model_path.name, time.monotonic() - started)
         tokenizer = AutoTokenizer.from_pretrained(str(config.model_path))

@@ -11,6 +11,7 @@ from services.router.policy import load
 from services.worker.engine import Engine, EngineConfig
 from services.worker.provider import ProviderBackend
 from services.worker.service import Worker
+from shared import metrics
 from shared.errors import ConfigError
 from shared.kafka import wait_for_broker
 from shared.settings import Settings
@@ -25,13 +26,14 @@ async def serve(settings: Settings, stop: asyncio.Event, *, model: str, model_pa
         raise ConfigError(f"model {model!r} is not in the policy {settings.policy_file} "
                           f"(models: {', '.join(policies.models)})")
     await wait_for_broker(settings.bootstrap)
+    metrics.serve(settings.metrics_port, f"worker {model}")
     spec = policies.models[model]
     if spec.provider is not None:
         backend = ProviderBackend(spec.provider, max_connections=max_in_flight)
     else:
         path = model_path or settings.models_dir / model
         backend = Engine.start(EngineConfig(model_path=path, max_model_len=spec.max_context_tokens,
-                                            max_num_seqs=max_in_flight))
+                                            max_num_seqs=max_in_flight, name=model))
     # Redis holds results for repeats and caches; without it the worker still serves.
     redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2) if settings.redis_url else None
     try:

@@ -18,10 +18,12 @@ from redis.exceptions import RedisError
 
 from schemas import (CacheHit, ConfidenceCheck, ErrorInfo, InferenceResult, Latency, ModelHealth, RoutedRequest,
                      Status, StreamDelta, now_ms)
+from services.worker import metrics
 from services.worker.engine import Backend
 from services.worker.ledger import Ledger, Outcome, Sent
 from services.worker.offsets import OffsetTracker
 from shared import kafka
+from shared import metrics as shared_metrics
 from shared import semantic
 from shared.codec import decode, encode
 from shared.memory import Memory, replay
@@ -66,6 +68,9 @@ class Worker:
         self._finished: deque[tuple[float, int, bool, int, int]] = deque()
         self.health_interval_s = HEALTH_INTERVAL_S
         self._name = f"{socket.gethostname()}:{os.getpid()}"
+        self._fetched = shared_metrics.CONSUMER_BATCH.labels(f"worker.{model}")
+        self._in_flight = metrics.IN_FLIGHT.labels(model)
+        metrics.CAPACITY.labels(model).set(max_in_flight)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set (then drain) or the engine dies (then raise, committing nothing more)."""
@@ -75,12 +80,14 @@ class Worker:
             self._consumer = consumer
             log.info("worker for model %s consuming %s (up to %d in flight)",
                      self.model, self._topics.model(self.model), self._max_in_flight)
-            reporting = asyncio.create_task(self._report_health(producer, stop))
+            side = [asyncio.create_task(self._report_health(producer, stop)),
+                    asyncio.create_task(shared_metrics.track_lag(consumer, group, stop))]
             try:
                 await self._consume(consumer, Outcomes(producer, self._topics), stop)
             finally:
-                reporting.cancel()
-                await asyncio.gather(reporting, return_exceptions=True)
+                for task in side:
+                    task.cancel()
+                await asyncio.gather(*side, return_exceptions=True)
         if self._fatal is not None:
             raise self._fatal
 
@@ -109,12 +116,15 @@ class Worker:
                 continue
             batch = await consumer.getmany(timeout_ms=100, max_records=free)
             last_poll = time.monotonic()
+            if batch:
+                self._fetched.observe(sum(len(records) for records in batch.values()))
             for tp, records in batch.items():
                 for record in records:
                     self._offsets.start(tp, record.offset)
                     task = asyncio.create_task(self._handle(record, outcomes))
                     self._tasks[task] = tp
                     task.add_done_callback(lambda t, off=record.offset: self._done(t, off))
+            self._in_flight.set(len(self._tasks))
         if self._fatal is None:
             await self._drain()
         else:
@@ -123,6 +133,7 @@ class Worker:
 
     def _done(self, task: asyncio.Task, offset: int) -> None:
         tp = self._tasks.pop(task)
+        self._in_flight.set(len(self._tasks))
         self._room.set()
         if task.cancelled():
             return
@@ -165,6 +176,7 @@ class Worker:
             log.info("request %s attempt %d ended before; sending its recorded outcome again",
                      request.id, routed.attempt)
             self.replayed += 1
+            metrics.REPLAYED.labels(self.model).inc()
         else:
             outcome = await self._attempt(routed, outcomes)
             if self._ledger is not None:
@@ -190,6 +202,7 @@ class Worker:
         result, cost, moves_on = await self._run(routed, on_text)
         hop, why = self._next_hop(routed, result, moves_on)
         check = self._confidence_check(routed, result, escalated=hop is not None and not moves_on)
+        self._count(routed, result, cost, hop, moves_on, checked=bool(check))
         if hop is None:
             return Outcome(final=True, messages=[
                 Sent(self._topics.replies(request.reply_to), reply_key(request.id), encode(result)),
@@ -207,6 +220,23 @@ class Worker:
             Sent(self._topics.model(hop.model), (routed.prefix_hash or request.id).encode(), encode(onward)),
             Sent(self._topics.costs, cost_key(request.id), encode(cost)),
         ], notes=check)
+
+    def _count(self, routed: RoutedRequest, result: InferenceResult, cost, hop, moves_on: bool, *,
+               checked: bool) -> None:
+        route, model = shared_metrics.route_label(routed.request.route), self.model
+        metrics.REQUESTS.labels(route, model, "handed_on" if hop is not None else result.status.value).inc()
+        if hop is not None:
+            metrics.HANDOFFS.labels(route, model, "moved_on" if moves_on else "confidence").inc()
+        if result.tokens_in or result.tokens_out:
+            metrics.TOKENS.labels(route, model, "prompt").inc(result.tokens_in)
+            metrics.TOKENS.labels(route, model, "completion").inc(result.tokens_out)
+            metrics.TOKENS.labels(route, model, "cached").inc(result.cached_tokens)
+        if cost.cost_nano_usd:
+            metrics.COST.labels(route, model).inc(cost.cost_nano_usd / 1e9)
+        if checked:
+            metrics.CONFIDENCE.labels(route, model).observe(result.confidence)
+        if hop is None and result.status == Status.ok and result.latency.total_ms:
+            metrics.TOTAL.labels(route, model).observe(result.latency.total_ms / 1000)
 
     def _confidence_check(self, routed: RoutedRequest, result: InferenceResult, *, escalated: bool) -> tuple[Sent, ...]:
         """The record of a confidence check, where one was made: the router learns from them."""
@@ -300,6 +330,7 @@ class Worker:
         """Run the request on the backend: (result, cost record, whether the next model should take it)."""
         request = routed.request
         taken_ms = now_ms()
+        metrics.QUEUE_WAIT.labels(self.model).observe(max(0, taken_ms - request.created_at_ms) / 1000)
         if request.deadline_unix_ms is not None and taken_ms > request.deadline_unix_ms:
             result = error_result(request, Status.expired, "deadline_passed",
                                   "the request's deadline passed before a worker took it")
@@ -317,6 +348,9 @@ class Worker:
             result = self._stamp(result.model_copy(update={"model": self.model}), routed)
             return result, cost_record(request, result, attempt=routed.attempt), exc.moves_on
         finished_ms = now_ms()
+        if done.ttft_ms is not None:
+            metrics.TTFT.labels(self.model).observe(done.ttft_ms / 1000)
+        metrics.GENERATION.labels(self.model).observe(max(0, finished_ms - taken_ms) / 1000)
         result = InferenceResult(
             request_id=request.id,
             tenant=request.tenant,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +39,18 @@ from shared.topics import Topics
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ["small", "large", "big", "flaky"]
 WORKER_READY_TIMEOUT_S = 600
+# Headless Chromium on a machine with no way out: no sandbox (tests may run as root), and none of
+# the background connections it would otherwise try at every start.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium() -> str:
+    """The Chromium that browser tests drive: SWITCHYARD_CHROMIUM, or the one ./scripts/setup installs."""
+    path = os.environ.get("SWITCHYARD_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.fail("no Chromium for the browser tests: run ./scripts/setup, or set SWITCHYARD_CHROMIUM")
+    return path
 
 POLICY = """
 version: "test-1"

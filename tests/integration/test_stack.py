@@ -11,13 +11,15 @@ import subprocess
 import sys
 import time
 
+import httpx
 import psutil
 import pytest
 
 from schemas import Status
+from services.stack.status import parse
 from shared.client import Client
 from shared.topics import Topics
-from tests.integration.conftest import POLICY, ROOT, WORKER_READY_TIMEOUT_S
+from tests.integration.conftest import CHROMIUM_ARGS, POLICY, ROOT, WORKER_READY_TIMEOUT_S, chromium
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +44,64 @@ def _count_books(dsn: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+async def _check_metrics(targets: dict[str, str]) -> None:
+    """Every child serves Prometheus metrics, and they say what just happened."""
+    assert set(targets) == {"router", "sink", "worker.small"}
+    want = {  # (sample, labels it must have): the least it must count
+        "router": [("switchyard_router_requests_total", {"route": "chat", "outcome": "routed"}, 5),
+                   ("switchyard_router_queue_wait_seconds_count", {}, 5)],
+        "worker.small": [("switchyard_worker_requests_total", {"route": "chat", "model": "small", "outcome": "ok"}, 5),
+                         ("switchyard_worker_tokens_total", {"model": "small", "kind": "completion"}, 5),
+                         ("switchyard_request_seconds_count", {"route": "chat", "model": "small"}, 5),
+                         ("switchyard_engine_batch_size_count", {"model": "small"}, 1),
+                         ("switchyard_worker_capacity", {"model": "small"}, 1),
+                         ("switchyard_consumer_lag_records", {"group": "worker.small"}, 0)],
+        "sink": [("switchyard_booked_requests_total", {"route": "chat", "model": "small", "status": "ok"}, 5),
+                 ("switchyard_booked_cost_usd_total", {"tenant": "stack", "route": "chat", "model": "small"}, 1e-12),
+                 ("switchyard_sink_records_total", {"outcome": "inserted"}, 5),
+                 ("switchyard_consumer_lag_records", {"group": "sink"}, 0)],
+    }
+    async with httpx.AsyncClient(timeout=5) as http:
+        for name, expected in want.items():
+            deadline = time.monotonic() + 30
+            while True:  # the sink books in batches, the lag gauge is refreshed every few seconds
+                samples = parse((await http.get(targets[name])).text)
+                short = []
+                for sample, labels, least in expected:
+                    found = [v for (n, ls), v in samples.items() if n == sample and labels.items() <= dict(ls).items()]
+                    if not found or sum(found) < least:
+                        short.append((sample, labels, found))
+                if not short or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
+            assert not short, f"{name} metrics lack {short}"
+
+
+async def _check_status_page(url: str, screenshot) -> None:
+    """The page a person opens, in a real headless Chromium: figures appear and refresh by themselves."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(url)
+            assert await page.title() == "Switchyard status"
+            # Filled in by the page's own script from /api/status, not by the server's HTML.
+            await page.wait_for_selector('#tenants tbody tr[data-key="stack"]', timeout=30_000)
+            await page.wait_for_function("document.getElementById('p50').textContent.endsWith('ms')", timeout=30_000)
+            row = await page.inner_text('#tenants tbody tr[data-key="stack"]')
+            assert float(row.split()[1]) > 0, row  # what tenant "stack" cost, in USD
+            assert await page.inner_text('#models tbody tr[data-key="small"]')
+            assert "down" not in await page.inner_text("#services")
+            first = await page.inner_text("#updated")
+            await page.wait_for_function(f"document.getElementById('updated').textContent !== {first!r}",
+                                         timeout=10_000)
+            await page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            await browser.close()
+
+
 async def test_up_serves_requests_and_ctrl_c_stops_every_child(tmp_path, model_path, classifier_path):
     data_dir = tmp_path / "data"
     (data_dir / "models").mkdir(parents=True)
@@ -63,6 +123,8 @@ async def test_up_serves_requests_and_ctrl_c_stops_every_child(tmp_path, model_p
                 for i in range(5)
             ))
         assert all(r.status == Status.ok and r.output for r in results)
+        await _check_metrics(state["metrics"])
+        await _check_status_page(state["status_url"], tmp_path / "status.png")
         # The whole tree, vLLM's engine processes included, now that the engine is up.
         tree = psutil.Process(proc.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in tree)
