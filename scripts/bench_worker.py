@@ -40,13 +40,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import benchlib  # noqa: E402
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import platform  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -533,10 +535,7 @@ def fmt(value, digits=1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def columns(head: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
-    return "\n".join(lines + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows])
+columns = benchlib.columns
 
 
 def table(records: list[dict]) -> str:
@@ -565,21 +564,11 @@ def target_table(rows: list[dict]) -> str:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
-            "note": "the engines' core processes, the Tansu broker and redis-server run on this same machine, "
-                    "the router runs in its own process, and the client and workers share one"}
+    return benchlib.machine("the engines' core processes, the Tansu broker and redis-server run on this same "
+                            "machine, the router runs in its own process, and the client and workers share one")
 
 
-def say(message: str) -> None:
-    print(f"[bench] {message}", flush=True)
+say = benchlib.say
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import re
 from datetime import datetime, timedelta, timezone
 
 from schemas import PolicySet
-from services.sink.store import TABLE, CostStore
+from services.sink.store import FINAL_SETTINGS, TABLE, CostStore
 from shared.errors import ConfigError
 
 DIMENSIONS = {"tenant": "tenant", "route": "route", "model": "model", "hour": "toStartOfHour(ts)"}
@@ -96,6 +96,7 @@ def report(store: CostStore, by: list[str], *, since: datetime, until: datetime 
         ORDER BY cost_nano_usd DESC, {', '.join(by)}
         """,
         params,
+        settings=FINAL_SETTINGS,
     )
     for row in rows:
         if "hour" in row and isinstance(row["hour"], datetime):

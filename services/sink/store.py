@@ -111,6 +111,9 @@ MIGRATIONS = [
     f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS ts_ms Int64 EPHEMERAL",
     f"ALTER TABLE {TABLE} MODIFY COLUMN ts DateTime64(3, 'UTC') DEFAULT fromUnixTimestamp64Milli(ts_ms, 'UTC')",
 ]
+# For reads through FINAL: a record and its replays share `ts`, so they always share a partition
+# (toYYYYMM(ts)); FINAL then never merges across partitions, and a month's parts merge on their own.
+FINAL_SETTINGS = {"do_not_merge_across_partitions_select_final": 1}
 # Fields of the record that are not columns (schema_version) are skipped, not refused.
 INSERT_SETTINGS = {"input_format_skip_unknown_fields": 1}
 
@@ -154,9 +157,12 @@ class CostStore:
         if rows:
             self._client.raw_insert(TABLE, COLUMNS, rows, fmt="JSONEachRow", settings=INSERT_SETTINGS)
 
-    def query(self, sql: str, parameters: dict | None = None) -> list[dict]:
-        result = self._client.query(sql, parameters=parameters)
+    def query(self, sql: str, parameters: dict | None = None, settings: dict | None = None) -> list[dict]:
+        result = self._client.query(sql, parameters=parameters, settings=settings)
         return [dict(zip(result.column_names, row)) for row in result.result_rows]
+
+    def command(self, sql: str) -> None:
+        self._client.command(sql)
 
     def close(self) -> None:
         self._client.close()

@@ -140,6 +140,8 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
             "SWITCHYARD_POLICY": str(settings.policy_file),
             "SWITCHYARD_TOPIC_PREFIX": settings.topic_prefix,
             "PYTHONUNBUFFERED": "1",
+            # Children stop by themselves if this process dies without stopping them.
+            "SWITCHYARD_SUPERVISOR_PID": str(os.getpid()),
         })
         # vLLM warns at length about CPU tuning it cannot do here; its errors still show.
         env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")

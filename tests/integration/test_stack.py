@@ -139,5 +139,39 @@ async def test_up_serves_requests_and_ctrl_c_stops_every_child(tmp_path, model_p
         assert _count_books(state["clickhouse_dsn"]) == 5
     finally:
         if proc.poll() is None:
-            proc.kill()
+            # A failed check: stop the stack as a user would, and leave nothing of it running.
+            tree = psutil.Process(proc.pid).children(recursive=True)
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            for child in tree:
+                if child.is_running():
+                    child.kill()
         print(log_path.read_text()[-4000:])
+
+
+def test_a_service_whose_supervisor_died_stops_by_itself(tmp_path, broker):
+    """`switchyard up` killed outright (SIGKILL) cannot stop its children: each notices and drains."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")}
+    env.update(SWITCHYARD_BOOTSTRAP=broker, SWITCHYARD_DATA_DIR=str(tmp_path), SWITCHYARD_TOPIC_PREFIX="orphan")
+    # A stand-in supervisor: starts the sink with its own pid as the supervisor's, then waits.
+    code = ("import os, subprocess, sys, time; env = dict(os.environ, SWITCHYARD_SUPERVISOR_PID=str(os.getpid())); "
+            "p = subprocess.Popen([sys.executable, '-m', 'services.cli.main', 'sink'], env=env); "
+            "print(p.pid, flush=True); time.sleep(600)")
+    log_path = tmp_path / "sink.log"
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+                              stderr=open(log_path, "wb"))
+    sink = psutil.Process(int(parent.stdout.readline()))
+    try:
+        time.sleep(3)
+        assert sink.is_running() and sink.status() != psutil.STATUS_ZOMBIE
+        parent.kill()
+        parent.wait()
+        sink.wait(60)  # raises if it is still running then (its exit code is not ours to read)
+        log = log_path.read_text()
+        assert "the supervisor (pid" in log and "Traceback" not in log, log
+    finally:
+        if sink.is_running():
+            sink.kill()
