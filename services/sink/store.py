@@ -89,6 +89,22 @@ DDL = [
     WHERE model != ''
     GROUP BY hour, route, model
     """,
+    # What the same tokens would have cost on a reference model (the all-large-model baseline),
+    # by tenant, route and hour. A parameterized view, since the reference price is the policy's:
+    #   SELECT * FROM switchyard.savings_by_hour(in_nano = 2500, out_nano = 10000)
+    # (`switchyard cost --versus MODEL` fills the prices in from the policy.) Answers from memory
+    # used no tokens: their saving is not in it, so the figure understates what was saved.
+    f"""
+    CREATE VIEW IF NOT EXISTS {DATABASE}.savings_by_hour AS
+    SELECT
+        toStartOfHour(ts) AS hour, tenant, route,
+        countIf(attempt = 0) AS requests,
+        sum(cost_nano_usd) AS cost_nano_usd,
+        sum(tokens_in) * {{in_nano:UInt64}} + sum(tokens_out) * {{out_nano:UInt64}} AS reference_nano_usd,
+        if(reference_nano_usd = 0, NULL, 1 - cost_nano_usd / reference_nano_usd) AS saved
+    FROM {TABLE} FINAL
+    GROUP BY hour, tenant, route
+    """,
     f"""
     CREATE VIEW IF NOT EXISTS {DATABASE}.escalation_by_route AS
     SELECT

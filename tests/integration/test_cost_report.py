@@ -86,6 +86,14 @@ def test_the_views_answer_hit_rate_latency_and_escalation_by_route(store):
         "SELECT * FROM switchyard.latency_by_route_model WHERE route = {route:String}", route)}
     assert set(latency) == {"small", "large"}  # answers from memory ran no model
     assert latency["small"]["records"] == 4 and latency["small"]["p99_latency_ms"] >= 100
+    # The saving against all-large, by tenant, route and hour: the same figure `cost --versus` prints.
+    savings = {r["tenant"]: r for r in store.query(
+        "SELECT * FROM switchyard.savings_by_hour(in_nano = {i:UInt64}, out_nano = {o:UInt64}) "
+        "WHERE route = {route:String}", {**route, "i": LARGE.in_nano_usd_per_token, "o": LARGE.out_nano_usd_per_token})}
+    acme = savings[f"{tag}-acme"]
+    assert acme["reference_nano_usd"] == 400 * 2500 + 50 * 10000
+    assert acme["cost_nano_usd"] == 320_300
+    assert acme["saved"] == pytest.approx(1 - 320_300 / 1_500_000)
 
 
 def test_arguments_are_checked_with_clear_errors():
