@@ -56,6 +56,7 @@ def demo(settings: Settings, *, requests: int, concurrency: int) -> int:
     try:
         state = _wait_for_stack(settings, stack)
         stats = asyncio.run(_load(state, requests, concurrency))
+        stats["status"] = _status_page(state, stats["answered"])
     finally:
         _step("stopping the stack (router and workers drain, the sink flushes)")
         if stack.poll() is None:
@@ -196,6 +197,23 @@ def _count(values) -> dict[str, int]:
     return out
 
 
+def _status_page(state: dict, answered: int, timeout_s: float = 20.0) -> dict | None:
+    """The status page's figures once the sink has booked what was answered (from the metrics)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    figures = None
+    while time.monotonic() < deadline:
+        try:
+            figures = httpx.get(state["status_url"] + "api/status", timeout=2).json()
+        except (httpx.HTTPError, ValueError):
+            figures = None
+        if figures and figures.get("ready") and figures["cache"]["answered"] >= answered:
+            break
+        time.sleep(1)
+    return figures
+
+
 def _report(settings: Settings, state: dict, stats: dict, since: datetime, elapsed_s: float) -> None:
     from services.sink.store import CostStore
 
@@ -250,6 +268,12 @@ def _report(settings: Settings, state: dict, stats: dict, since: datetime, elaps
         print(f"Streaming: a request on chat came back in {streamed['pieces']} pieces from {streamed['model']}, "
               f"the first after {streamed['first_ms']:.0f} ms, all {streamed['tokens_out']} tokens after "
               f"{streamed['total_ms']:.0f} ms.")
+    status = stats.get("status")
+    if status and status.get("ready"):
+        metered = {t["tenant"]: t["usd"] for t in status["cost_by_tenant"] if t["tenant"] != "warmup"}
+        print(f"Status page {state['status_url']} (live while the stack ran, from the services' metrics): "
+              f"{status['cache']['answered']} answers booked, latency p95 {status['latency_ms']['p95']} ms, "
+              f"spend by tenant in USD {json.dumps({k: round(v, 6) for k, v in sorted(metered.items())})}.")
     print(f"Demo took {elapsed_s:.0f} s in all.")
     print()
     print("Where the data lives:")
