@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-
 from collections import Counter
 
 from aiokafka.structs import ConsumerRecord
