@@ -181,9 +181,8 @@ def figures(new: Samples, old: Samples, span_s: float) -> dict:
             return None
         return increase(total(new, name, **match), total(old, name, **match)) / span_s
 
-    window = {le: increase(count, buckets(old, "switchyard_request_seconds").get(le, 0.0))
-              for le, count in buckets(new, "switchyard_request_seconds").items()}
-    whole = buckets(new, "switchyard_request_seconds")
+    whole, before = buckets(new, "switchyard_request_seconds"), buckets(old, "switchyard_request_seconds")
+    window = {le: increase(count, before.get(le, 0.0)) for le, count in whole.items()}
     recent = bool(window) and max(window.values()) > 0
     latency_source = window if recent else whole
 
