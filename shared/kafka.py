@@ -84,6 +84,17 @@ def rewind(consumer: AIOKafkaConsumer, offsets: dict) -> None:
             consumer.seek(tp, offset)
 
 
+async def lag(consumer: AIOKafkaConsumer) -> dict:
+    """Records waiting on each owned partition (high watermark minus position), for the partitions
+    a fetch has reported a high watermark for. Asks the broker nothing."""
+    out = {}
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        if highwater is not None:
+            out[tp] = max(0, highwater - await consumer.position(tp))
+    return out
+
+
 async def wait_for_broker(bootstrap: str, timeout_s: float = 30.0) -> None:
     """Return once the broker answers metadata requests, or raise DependencyUnavailable."""
     deadline = time.monotonic() + timeout_s

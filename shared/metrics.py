@@ -16,6 +16,8 @@ import os
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from shared import kafka
+
 log = logging.getLogger(__name__)
 
 OTHER_TENANTS = "_other"
@@ -86,12 +88,8 @@ async def track_lag(consumer, group: str, stop: asyncio.Event, interval_s: float
     while not stop.is_set():
         owned = set()
         try:
-            for tp in consumer.assignment():
-                highwater = consumer.highwater(tp)
-                if highwater is None:
-                    continue
-                lag = max(0, highwater - await consumer.position(tp))
-                CONSUMER_LAG.labels(group, tp.topic, str(tp.partition)).set(lag)
+            for tp, waiting in (await kafka.lag(consumer)).items():
+                CONSUMER_LAG.labels(group, tp.topic, str(tp.partition)).set(waiting)
                 owned.add((tp.topic, tp.partition))
         except asyncio.CancelledError:
             raise

@@ -314,11 +314,7 @@ class Worker:
     async def _report_health(self, producer, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                backlog = {}
-                for tp in self._consumer.assignment():
-                    highwater = self._consumer.highwater(tp)
-                    if highwater is not None:
-                        backlog[tp.partition] = max(0, highwater - await self._consumer.position(tp))
+                backlog = {tp.partition: waiting for tp, waiting in (await kafka.lag(self._consumer)).items()}
                 await producer.send(self._topics.health, encode(self.health(backlog)), key=self.model.encode())
             except asyncio.CancelledError:
                 raise
