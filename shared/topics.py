@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from schemas.request import Priority
+from shared.errors import ConfigError
 
 REQUEST_PARTITIONS = 6
 MODEL_PARTITIONS = 6
@@ -62,11 +64,22 @@ class Topics:
     def escalations(self) -> str:
         return f"{self.prefix}.escalations"
 
-    def plan(self, models: list[str]) -> list[TopicSpec]:
-        """The topics a deployment serving `models` needs, with their partition counts."""
+    def plan(self, models: list[str], partitions: Mapping[str, int] | None = None) -> list[TopicSpec]:
+        """The topics a deployment serving `models` needs, with their partition counts: the
+        defaults, or `partitions` by priority (interactive, standard, batch) or model name."""
+        counts = dict(partitions or {})
+        priorities = [p.value for p in Priority]
+        for name, count in counts.items():
+            if name not in priorities and name not in models:
+                raise ConfigError(f"partitions for {name!r}: not a priority ({', '.join(priorities)}) "
+                                  f"nor a model ({', '.join(models) or 'none'})")
+            if name in priorities and name in models:
+                raise ConfigError(f"partitions for {name!r}: ambiguous, it is a priority and a model")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise ConfigError(f"partitions for {name!r} must be a positive integer, got {count!r}")
         return [
-            *(TopicSpec(t, REQUEST_PARTITIONS) for t in self.all_requests),
-            *(TopicSpec(self.model(m), MODEL_PARTITIONS) for m in models),
+            *(TopicSpec(self.requests(p), counts.get(p.value, REQUEST_PARTITIONS)) for p in Priority),
+            *(TopicSpec(self.model(m), counts.get(m, MODEL_PARTITIONS)) for m in models),
             TopicSpec(self.costs, COST_PARTITIONS),
             TopicSpec(self.dead_letter, DEAD_LETTER_PARTITIONS),
             # Compacted: the latest policy is kept for ever, older versions may go.
