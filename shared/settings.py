@@ -30,6 +30,8 @@ class Settings:
     embeddings: bool = True
     metrics_port: int | None = None
     status_port: int | None = None
+    gateway_port: int = 8080
+    gateway_keys: Path | None = None
 
     @property
     def classifier_path(self) -> Path:
@@ -78,6 +80,8 @@ class Settings:
             raise ConfigError(f"SWITCHYARD_COST_TTL_DAYS must be a positive number of days, got {ttl_days!r}")
         metrics_port = _port(get("SWITCHYARD_METRICS_PORT"), "SWITCHYARD_METRICS_PORT")
         status_port = _port(get("SWITCHYARD_STATUS_PORT"), "SWITCHYARD_STATUS_PORT")
+        gateway_port = _port(get("SWITCHYARD_GATEWAY_PORT"), "SWITCHYARD_GATEWAY_PORT") or 8080
+        gateway_keys = get("SWITCHYARD_GATEWAY_KEYS")
         return cls(
             bootstrap=get("SWITCHYARD_BOOTSTRAP"),
             redis_url=redis_url,
@@ -91,6 +95,8 @@ class Settings:
             embeddings=embeddings == "on",
             metrics_port=metrics_port,
             status_port=status_port,
+            gateway_port=gateway_port,
+            gateway_keys=Path(gateway_keys).resolve() if gateway_keys else None,
         )
 
 

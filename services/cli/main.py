@@ -44,6 +44,31 @@ def _parser() -> argparse.ArgumentParser:
     topics_sub = topics.add_subparsers(dest="topics_command", required=True)
     create = topics_sub.add_parser("create", help="create every topic the policy's models need, with partition counts")
     create.add_argument("--models", help="comma-separated models (default: every model in the policy)")
+    create.add_argument("--partitions", help=("partition counts by priority or model, e.g. "
+                                              "interactive=12,batch=3,small=24 (defaults: see docs/operations.md)"))
+    describe = topics_sub.add_parser("describe", help="every topic of this deployment: partitions, config, records")
+    describe.add_argument("--json", action="store_true", help="as JSON instead of a table")
+
+    status = sub.add_parser("status", help="the fleet: topics, consumer groups and their lag, workers and their load, policy")
+    status.add_argument("--json", action="store_true", help="as JSON instead of tables")
+
+    gateway = sub.add_parser("gateway", help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, ...)")
+    gateway.add_argument("--port", type=int, help="default $SWITCHYARD_GATEWAY_PORT or 8080")
+    gateway.add_argument("--host", default="0.0.0.0")
+
+    batch = sub.add_parser("batch", help="batch jobs in the OpenAI Batch file format")
+    batch_sub = batch.add_subparsers(dest="batch_command", required=True)
+    submit = batch_sub.add_parser("submit", help="run every line of FILE at batch priority; resumes if run again")
+    submit.add_argument("file", type=Path)
+    submit.add_argument("--route", required=True)
+    submit.add_argument("--tenant", required=True)
+    submit.add_argument("--rate", type=float, default=50.0, help="lines published per second at most (default 50)")
+    submit.add_argument("--max-in-flight", type=int, default=500, help="lines published but not answered, at most")
+    submit.add_argument("--output", type=Path, help="results file (default: FILE with .output.jsonl)")
+    submit.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the last answers")
+    batch_status = batch_sub.add_parser("status", help="a job's progress, from any machine that reaches the broker")
+    batch_status.add_argument("id")
+    batch_status.add_argument("--json", action="store_true")
 
     model = sub.add_parser("model", help="model utilities")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -107,7 +132,27 @@ def main(argv: list[str] | None = None) -> int:
 
             return apply(settings, args.file) if args.policy_command == "apply" else show(settings, args.json)
         elif args.command == "topics":
-            return _create_topics(settings, args.models.split(",") if args.models else None)
+            from services.cli import fleet
+
+            if args.topics_command == "describe":
+                return fleet.describe_topics(settings, args.json)
+            return fleet.create_topics(settings, args.models.split(",") if args.models else None, args.partitions)
+        elif args.command == "status":
+            from services.cli import fleet
+
+            return fleet.status(settings, args.json)
+        elif args.command == "gateway":
+            from services.gateway.main import serve
+
+            log.setup("gateway")
+            lifecycle.run(lambda stop: serve(settings, stop, port=args.port, host=args.host))
+        elif args.command == "batch":
+            from services.cli import batch
+
+            if args.batch_command == "status":
+                return batch.status(settings, args.id, args.json)
+            return batch.submit(settings, args.file, route=args.route, tenant=args.tenant, rate=args.rate,
+                                max_in_flight=args.max_in_flight, output=args.output, timeout_s=args.timeout)
         elif args.command == "model":
             from services.worker.tiny_model import generate
 
@@ -126,21 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     except SwitchyardError as exc:
         print(f"switchyard: {exc}", file=sys.stderr)
         return 2
-    return 0
-
-
-def _create_topics(settings: Settings, models: list[str] | None) -> int:
-    import asyncio
-
-    from services.router.policy import load
-    from shared.errors import ConfigError
-    from shared.kafka import prepare
-
-    if not settings.bootstrap:
-        raise ConfigError("set SWITCHYARD_BOOTSTRAP to the Kafka cluster to create topics on")
-    specs = settings.topics.plan(models or list(load(settings.policy_file).models))
-    for line in asyncio.run(prepare(settings.bootstrap, specs, settings.replication_factor, timeout_s=120)):
-        print(line)
     return 0
 
 
