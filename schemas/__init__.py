@@ -1,6 +1,7 @@
 """The wire contract: pydantic models are the source, JSON Schema files under schemas/json are exported from them."""
 
 from schemas._base import SCHEMA_VERSION
+from schemas.batch import BadLine, BatchJob
 from schemas.cost import CostRecord
 from schemas.health import ModelHealth
 from schemas.policy import CachePolicy, ModelPrice, ModelSpec, PolicySet, ProviderSpec, RoutePolicy, TenantLimits
@@ -10,11 +11,13 @@ from schemas.routed import ConfidenceCheck, DeadLetter, Hop, Memo, RoutedRequest
 
 # Each of these is exported as schemas/json/<Name>.schema.json for producers in other languages.
 EXPORTED = (InferenceRequest, InferenceResult, CostRecord, RoutePolicy, PolicySet, RoutedRequest, DeadLetter,
-            ModelHealth, StreamDelta, ConfidenceCheck)
+            ModelHealth, StreamDelta, ConfidenceCheck, BatchJob)
 
 __all__ = [
     "SCHEMA_VERSION",
     "EXPORTED",
+    "BadLine",
+    "BatchJob",
     "CacheHit",
     "CachePolicy",
     "ConfidenceCheck",

@@ -95,6 +95,14 @@ async def lag(consumer: AIOKafkaConsumer) -> dict:
     return out
 
 
+async def behind(consumer: AIOKafkaConsumer, end: dict) -> bool:
+    """Whether the consumer's position on any of `end`'s partitions is short of the offset given there."""
+    for tp, offset in end.items():
+        if await consumer.position(tp) < offset:
+            return True
+    return False
+
+
 async def wait_for_broker(bootstrap: str, timeout_s: float = 30.0) -> None:
     """Return once the broker answers metadata requests, or raise DependencyUnavailable."""
     deadline = time.monotonic() + timeout_s

@@ -16,6 +16,7 @@ DEAD_LETTER_PARTITIONS = 1
 POLICY_PARTITIONS = 1
 HEALTH_PARTITIONS = 1
 ESCALATION_PARTITIONS = 1
+BATCH_PARTITIONS = 1
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,10 @@ class Topics:
         return f"{self.prefix}.health"
 
     @property
+    def batches(self) -> str:
+        return f"{self.prefix}.batches"
+
+    @property
     def escalations(self) -> str:
         return f"{self.prefix}.escalations"
 
@@ -88,6 +93,8 @@ class Topics:
             TopicSpec(self.health, HEALTH_PARTITIONS, {"retention.ms": str(3600 * 1000)}),
             # Confidence checks, for retraining the router's classifier: 30 days of them.
             TopicSpec(self.escalations, ESCALATION_PARTITIONS, {"retention.ms": str(30 * 86400 * 1000)}),
+            # Batch jobs' progress, one record per job id: compacted, so each job's latest stays.
+            TopicSpec(self.batches, BATCH_PARTITIONS, {"cleanup.policy": "compact"}),
         ]
 
     def reply_spec(self, reply_to: str) -> TopicSpec:
