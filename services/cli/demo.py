@@ -14,7 +14,7 @@ import time
 from datetime import datetime, timezone
 
 from schemas import Status, StreamDelta
-from services.stack.supervisor import read_state, state_path
+from services.stack.supervisor import LOCAL_GATEWAY_KEY, read_state, state_path
 from services.worker import tiny_model
 from shared.client import Client
 from shared.errors import DependencyUnavailable
@@ -56,6 +56,8 @@ def demo(settings: Settings, *, requests: int, concurrency: int) -> int:
     try:
         state = _wait_for_stack(settings, stack)
         stats = asyncio.run(_load(state, requests, concurrency))
+        stats["gateway"] = asyncio.run(_gateway(state))
+        stats["batch"] = _batch(settings, state)
         stats["status"] = _status_page(state, stats["answered"])
     finally:
         _step("stopping the stack (router and workers drain, the sink flushes)")
@@ -190,6 +192,46 @@ async def _stream_one(client: Client) -> dict:
             "model": result.model if result else None, "tokens_out": result.tokens_out if result else 0}
 
 
+async def _gateway(state: dict) -> dict:
+    """Two requests through the OpenAI-compatible gateway, as a service that cannot speak Kafka sends them."""
+    import openai
+
+    _step(f"calling the gateway at {state['gateway_url']} with the official openai client")
+    client = openai.AsyncOpenAI(base_url=state["gateway_url"], api_key=LOCAL_GATEWAY_KEY, max_retries=0, timeout=120)
+    sent = time.monotonic()
+    plain = await client.chat.completions.create(
+        model="chat", max_tokens=32, messages=[{"role": "user", "content": "What are your opening hours?"}])
+    plain_ms = (time.monotonic() - sent) * 1000
+    sent, first_ms, chunks = time.monotonic(), None, 0
+    async for chunk in await client.chat.completions.create(
+            model="chat", max_tokens=48, stream=True, messages=[{"role": "user", "content": "Tell me a story."}]):
+        if chunk.choices and chunk.choices[0].delta.content:
+            chunks += 1
+            first_ms = first_ms if first_ms is not None else (time.monotonic() - sent) * 1000
+    return {"model": plain.model, "plain_ms": plain_ms, "tokens_out": plain.usage.completion_tokens,
+            "chunks": chunks, "first_ms": first_ms}
+
+
+def _batch(settings: Settings, state: dict, lines: int = 40) -> dict:
+    """A small batch job through `switchyard batch submit`, as a user runs one."""
+    path = settings.data_dir / "demo-batch.jsonl"
+    run = int(time.time())  # a new job each demo: the same file would resume the last one
+    path.write_text("".join(json.dumps({
+        "custom_id": f"doc-{run}-{i}", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"max_tokens": 24, "messages": [{"role": "user", "content": f"Summarise document {i} in a line."}]},
+    }) + "\n" for i in range(lines)))
+    _step(f"running a batch job of {lines} lines: switchyard batch submit {path} --route chat --tenant batch-demo")
+    env = dict(os.environ, SWITCHYARD_BOOTSTRAP=state["bootstrap"], SWITCHYARD_TOPIC_PREFIX=state["topic_prefix"])
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "services.cli.main", "batch", "submit", str(path), "--route", "chat",
+                           "--tenant", "batch-demo", "--rate", "100", "--timeout", "300"],
+                          env=env, capture_output=True, text=True)
+    summary = [line for line in done.stderr.splitlines() if "lines answered" in line]
+    job = next((w.rstrip(":") for w in done.stderr.split() if w.startswith("batch_")), None)
+    return {"lines": lines, "code": done.returncode, "seconds": time.monotonic() - started, "job": job,
+            "summary": summary[-1] if summary else done.stderr.strip()[-500:]}
+
+
 def _count(values) -> dict[str, int]:
     out: dict[str, int] = {}
     for v in values:
@@ -232,24 +274,28 @@ def _report(settings: Settings, state: dict, stats: dict, since: datetime, elaps
         )
     finally:
         store.close()
-    header = f"{'tenant':<9} {'route':<10} {'model':<6} {'requests':>8} {'tokens in':>10} {'tokens out':>10} " \
+    header = f"{'tenant':<10} {'route':<10} {'model':<6} {'requests':>8} {'tokens in':>10} {'tokens out':>10} " \
              f"{'cents':>9} {'p50 ms':>8} {'p95 ms':>8}"
     print()
     print("Cost by tenant, route and model, read back from ClickHouse (switchyard.cost_records):")
     print(header)
     print("-" * len(header))
     total = {"requests": 0, "tokens_in": 0, "tokens_out": 0, "cost_nano_usd": 0}
+    workload = {"requests": 0, "cost_nano_usd": 0}  # the three tenants' load, without the gateway and batch calls
     for row in rows:
         for key in total:
             total[key] += int(row[key])
-        print(f"{row['tenant']:<9} {row['route']:<10} {row['model']:<6} {row['requests']:>8} {row['tokens_in']:>10} "
+        if row["tenant"] in TENANTS:
+            for key in workload:
+                workload[key] += int(row[key])
+        print(f"{row['tenant']:<10} {row['route']:<10} {row['model']:<6} {row['requests']:>8} {row['tokens_in']:>10} "
               f"{row['tokens_out']:>10} {row['cost_nano_usd'] / 1e7:>9.4f} {row['p50_ms']:>8.0f} {row['p95_ms']:>8.0f}")
     print("-" * len(header))
-    print(f"{'total':<27} {total['requests']:>8} {total['tokens_in']:>10} {total['tokens_out']:>10} "
+    print(f"{'total':<28} {total['requests']:>8} {total['tokens_in']:>10} {total['tokens_out']:>10} "
           f"{total['cost_nano_usd'] / 1e7:>9.4f}")
     print()
     print(f"Requests sent {stats['sent']}, answered {stats['answered']} {json.dumps(stats['by_status'])}; "
-          f"cost records booked {total['requests']}.")
+          f"cost records booked {workload['requests']}.")
     print(f"End to end (client send to result): p50 {stats['p50_ms']:.0f} ms, p95 {stats['p95_ms']:.0f} ms; "
           f"{stats['answered'] / stats['wall_s']:.1f} requests/s, "
           f"{stats['ok_tokens_out'] / stats['wall_s']:.0f} output tokens/s over {stats['wall_s']:.1f} s.")
@@ -257,17 +303,24 @@ def _report(settings: Settings, state: dict, stats: dict, since: datetime, elaps
 
     large = load(settings.policy_file).models["large"].price
     all_large = sum(large.cost_nano_usd(i, o) for i, o in stats["tokens"])
-    saved = 1 - total["cost_nano_usd"] / all_large if all_large else 0.0
+    saved = 1 - workload["cost_nano_usd"] / all_large if all_large else 0.0
     print(f"Routing: models chosen {json.dumps(stats['by_tier'])}; answered from memory "
           f"{json.dumps({k: v for k, v in stats['by_cache'].items() if k != 'none'})}; "
           f"{stats['hard_to_large']} of {stats['hard']} requests labeled hard reached the large model.")
-    print(f"Cost {total['cost_nano_usd'] / 1e7:.4f} cents against {all_large / 1e7:.4f} cents with every request "
+    print(f"Cost {workload['cost_nano_usd'] / 1e7:.4f} cents against {all_large / 1e7:.4f} cents with every request "
           f"on the large model: {saved:.0%} saved.")
     streamed = stats["streamed"]
     if streamed["first_ms"] is not None:
         print(f"Streaming: a request on chat came back in {streamed['pieces']} pieces from {streamed['model']}, "
               f"the first after {streamed['first_ms']:.0f} ms, all {streamed['tokens_out']} tokens after "
               f"{streamed['total_ms']:.0f} ms.")
+    gateway = stats["gateway"]
+    print(f"Gateway (OpenAI API at {state['gateway_url']}, tenant local): a chat completion from {gateway['model']} "
+          f"in {gateway['plain_ms']:.0f} ms ({gateway['tokens_out']} tokens); a streamed one in {gateway['chunks']} "
+          f"chunks, the first after {gateway['first_ms'] or 0:.0f} ms.")
+    batch = stats["batch"]
+    print(f"Batch job {batch['job']} (tenant batch-demo, batch priority): {batch['summary'].split(': ', 1)[-1]}; "
+          f"{batch['seconds']:.1f} s; `switchyard batch status {batch['job']}` reports it from any machine.")
     status = stats.get("status")
     if status and status.get("ready"):
         metered = {t["tenant"]: t["usd"] for t in status["cost_by_tenant"] if t["tenant"] != "warmup"}

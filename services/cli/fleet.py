@@ -27,6 +27,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from schemas import ModelHealth, Priority
+from schemas._base import NAME_PATTERN
 from services.router.health import STALE_INTERVALS
 from shared import kafka
 from shared.codec import decode
@@ -79,12 +80,18 @@ def parse_partitions(value: str | None) -> dict[str, int] | None:
     return counts
 
 
-def create_topics(settings: Settings, models: list[str] | None, partitions: str | None) -> int:
+def create_topics(settings: Settings, models: list[str] | None, partitions: str | None,
+                  reply_to: list[str] | None = None) -> int:
     from services.router.policy import load
 
     counts = parse_partitions(partitions)
     # The plan is checked whole before anything reaches the cluster.
     specs = settings.topics.plan(models or list(load(settings.policy_file).models), counts)
+    for name in reply_to or ():
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise ConfigError(f"--reply-to {name!r}: a reply_to name is letters, digits, '_', '.' and '-', "
+                              "at most 64 characters")
+        specs.append(settings.topics.reply_spec(name))
     if not settings.bootstrap:
         raise ConfigError("set SWITCHYARD_BOOTSTRAP to the Kafka cluster to create topics on")
     with _quiet():

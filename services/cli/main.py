@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--models", help="comma-separated models (default: every model in the policy)")
     create.add_argument("--partitions", help=("partition counts by priority or model, e.g. "
                                               "interactive=12,batch=3,small=24 (defaults: see docs/operations.md)"))
+    create.add_argument("--reply-to", action="append", metavar="NAME",
+                        help="also the reply topic of this reply_to (repeatable), for producers that cannot create it")
     describe = topics_sub.add_parser("describe", help="every topic of this deployment: partitions, config, records")
     describe.add_argument("--json", action="store_true", help="as JSON instead of a table")
 
@@ -136,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.topics_command == "describe":
                 return fleet.describe_topics(settings, args.json)
-            return fleet.create_topics(settings, args.models.split(",") if args.models else None, args.partitions)
+            return fleet.create_topics(settings, args.models.split(",") if args.models else None, args.partitions,
+                                       args.reply_to)
         elif args.command == "status":
             from services.cli import fleet
 

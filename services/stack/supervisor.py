@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 STATE_FILE = "stack.json"
 DEFAULT_STATUS_PORT = 8700
 SERVICE_STOP_GRACE_S = 60.0
+LOCAL_GATEWAY_KEYS = Path(__file__).resolve().parents[2] / "deploy" / "local" / "gateway-keys.yaml"
+LOCAL_GATEWAY_KEY = "sk-switchyard-local"  # its SHA-256 is in LOCAL_GATEWAY_KEYS; for this machine only
 
 
 def state_path(settings: Settings) -> Path:
@@ -149,13 +151,18 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
         # Each child serves its metrics on a port of its own: SWITCHYARD_METRICS_PORT and up, or
         # free ones the kernel picks.
         base = settings.metrics_port
-        ports = iter(range(base, base + 2 + len(models)) if base else [])
+        ports = iter(range(base, base + 3 + len(models)) if base else [])
 
         def port() -> int:
             return next(ports, None) or infra.free_port()
 
         children.append(_Child("sink", me + ["sink"], env, port()))
         children.append(_Child("router", me + ["router"], env, port()))
+        gateway_keys = settings.gateway_keys or LOCAL_GATEWAY_KEYS
+        gateway_port = infra.free_port(settings.gateway_port)
+        children.append(_Child("gateway", me + ["gateway", "--host", "127.0.0.1", "--port", str(gateway_port)],
+                               {**env, "SWITCHYARD_GATEWAY_KEYS": str(gateway_keys)}, port()))
+        gateway_url = f"http://127.0.0.1:{gateway_port}/v1"
         for model in models:
             children.append(_Child(f"worker.{model}", me + ["worker", "--model", model], env, port()))
         targets = {c.name: f"http://127.0.0.1:{c.metrics_port}/metrics" for c in children}
@@ -164,10 +171,13 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
         state_path(settings).write_text(json.dumps({
             "pid": os.getpid(), "bootstrap": bootstrap, "redis_url": redis_url, "clickhouse_dsn": settings.dsn(),
             "topic_prefix": settings.topic_prefix, "models": models, "started_at": time.time(),
-            "metrics": targets, "status_url": status_url,
+            "metrics": targets, "status_url": status_url, "gateway_url": gateway_url,
         }) + "\n")
         for name, url in targets.items():
             print(f"metrics      | {name} at {url}", flush=True)
+        keys = (f"key {LOCAL_GATEWAY_KEY} (tenant local)" if gateway_keys == LOCAL_GATEWAY_KEYS
+                else f"keys from {gateway_keys}")
+        print(f"gateway      | OpenAI-compatible API at {gateway_url}, {keys}; model=<route>", flush=True)
         print(f"stack        | up: broker {bootstrap}, redis {redis_url}, ClickHouse {settings.dsn()}; "
               f"status page {status_url}; Ctrl-C stops everything", flush=True)
 
@@ -182,7 +192,7 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         # Front to back: nothing new enters, what is in flight finishes, its costs are booked.
-        for group in (("router",), tuple(c.name for c in children if c.name.startswith("worker.")), ("sink",)):
+        for group in (("gateway", "router"), tuple(c.name for c in children if c.name.startswith("worker.")), ("sink",)):
             batch = [c for c in children if c.name in group]
             for child in batch:
                 if child.proc.poll() is None:

@@ -12,11 +12,13 @@ import sys
 import time
 
 import httpx
+import openai
 import psutil
 import pytest
 
 from schemas import Status
 from services.stack.status import parse
+from services.stack.supervisor import LOCAL_GATEWAY_KEY
 from shared.client import Client
 from shared.topics import Topics
 from tests.integration.conftest import CHROMIUM_ARGS, POLICY, ROOT, WORKER_READY_TIMEOUT_S, chromium
@@ -46,7 +48,7 @@ def _count_books(dsn: str) -> int:
 
 async def _check_metrics(targets: dict[str, str]) -> None:
     """Every child serves Prometheus metrics, and they say what just happened."""
-    assert set(targets) == {"router", "sink", "worker.small"}
+    assert set(targets) == {"router", "gateway", "sink", "worker.small"}
     want = {  # (sample, labels it must have): the least it must count
         "router": [("switchyard_router_requests_total", {"route": "chat", "outcome": "routed"}, 5),
                    ("switchyard_router_queue_wait_seconds_count", {}, 5)],
@@ -60,6 +62,8 @@ async def _check_metrics(targets: dict[str, str]) -> None:
                  ("switchyard_booked_cost_usd_total", {"tenant": "stack", "route": "chat", "model": "small"}, 1e-12),
                  ("switchyard_sink_records_total", {"outcome": "inserted"}, 5),
                  ("switchyard_consumer_lag_records", {"group": "sink"}, 0)],
+        "gateway": [("switchyard_gateway_requests_total",
+                     {"endpoint": "/v1/chat/completions", "route": "chat", "code": "200"}, 1)],
     }
     async with httpx.AsyncClient(timeout=5) as http:
         for name, expected in want.items():
@@ -123,12 +127,17 @@ async def test_up_serves_requests_and_ctrl_c_stops_every_child(tmp_path, model_p
                 for i in range(5)
             ))
         assert all(r.status == Status.ok and r.output for r in results)
+        # The gateway `up` serves, with the local key it prints, as an OpenAI client would call it.
+        gateway = openai.AsyncOpenAI(base_url=state["gateway_url"], api_key=LOCAL_GATEWAY_KEY, max_retries=0)
+        reply = await gateway.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}],
+                                                      max_tokens=4)
+        assert reply.model == "small" and reply.usage.completion_tokens > 0
         await _check_metrics(state["metrics"])
         await _check_status_page(state["status_url"], tmp_path / "status.png")
         # The whole tree, vLLM's engine processes included, now that the engine is up.
         tree = psutil.Process(proc.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in tree)
-        for part in ("tansu", "redis-server", " router", " sink", "worker --model small", "VLLM::EngineCore"):
+        for part in ("tansu", "redis-server", " router", " sink", " gateway", "worker --model small", "VLLM::EngineCore"):
             assert part in names, f"{part!r} not running under switchyard up"
 
         proc.send_signal(signal.SIGINT)
@@ -136,7 +145,7 @@ async def test_up_serves_requests_and_ctrl_c_stops_every_child(tmp_path, model_p
         tree = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert tree == [], f"left running after Ctrl-C: {[p.cmdline() for p in tree]}"
         assert not (data_dir / "stack.json").exists()
-        assert _count_books(state["clickhouse_dsn"]) == 5
+        assert _count_books(state["clickhouse_dsn"]) == 6
     finally:
         if proc.poll() is None:
             # A failed check: stop the stack as a user would, and leave nothing of it running.

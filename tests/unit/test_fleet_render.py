@@ -137,3 +137,11 @@ def test_status_text_without_policy_workers_or_topics():
               "backlog": 0, "kv_usage": None, "p95_latency_ms": None}
     assert render_workers([worker]).splitlines()[2].split() == ["small", "h:1", "alive", "0/64", "0", "-", "-", "2s",
                                                                  "ago"]
+
+
+def test_a_bad_reply_topic_name_is_refused_before_the_cluster_is_asked():
+    from services.cli import fleet
+    from shared.settings import Settings
+
+    with pytest.raises(ConfigError, match="--reply-to 'no spaces'"):
+        fleet.create_topics(Settings(bootstrap="127.0.0.1:1"), None, None, ["ok-name", "no spaces"])
