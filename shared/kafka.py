@@ -95,12 +95,26 @@ async def lag(consumer: AIOKafkaConsumer) -> dict:
     return out
 
 
-async def behind(consumer: AIOKafkaConsumer, end: dict) -> bool:
-    """Whether the consumer's position on any of `end`'s partitions is short of the offset given there."""
-    for tp, offset in end.items():
-        if await consumer.position(tp) < offset:
-            return True
-    return False
+async def from_start(consumer: AIOKafkaConsumer, topic: str, timeout_s: float | None = None) -> AsyncIterator:
+    """Every record on `topic` from its beginning up to its end as it is now (or until `timeout_s`).
+    The consumer (one without a group) is left assigned every partition, positioned after them,
+    so it can go on to read what comes next."""
+    from aiokafka.structs import TopicPartition
+
+    await consumer.topics()
+    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    if not parts:
+        return
+    consumer.assign(parts)
+    await consumer.seek_to_beginning(*parts)
+    end = await consumer.end_offsets(parts)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while deadline is None or time.monotonic() < deadline:
+        if all([await consumer.position(tp) >= end[tp] for tp in parts]):
+            return
+        for records in (await consumer.getmany(*parts, timeout_ms=500)).values():
+            for record in records:
+                yield record
 
 
 async def wait_for_broker(bootstrap: str, timeout_s: float = 30.0) -> None:

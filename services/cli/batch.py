@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
-from aiokafka.structs import TopicPartition
 
 from schemas import BadLine, BatchJob, InferenceRequest, InferenceResult, Priority, Status, now_ms
 from schemas.batch import MAX_BAD_LINES_KEPT
@@ -163,30 +162,25 @@ class Results:
     async def start(self) -> None:
         self._consumer = kafka.consumer(self._bootstrap, group_id=None, auto_offset_reset="earliest")
         await self._consumer.start()
-        await self._consumer.topics()
-        parts = [TopicPartition(self._topic, p) for p in sorted(self._consumer.partitions_for_topic(self._topic) or ())]
-        self._consumer.assign(parts)
-        await self._consumer.seek_to_beginning(*parts)
-        end = await self._consumer.end_offsets(parts)
-        while await kafka.behind(self._consumer, end):  # catch up with what is there
-            self._take(await self._consumer.getmany(timeout_ms=500))
+        async for record in kafka.from_start(self._consumer, self._topic):  # what is there already
+            self._take(record)
 
     async def follow(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            self._take(await self._consumer.getmany(timeout_ms=200))
+            for records in (await self._consumer.getmany(timeout_ms=200)).values():
+                for record in records:
+                    self._take(record)
 
-    def _take(self, batch) -> None:
-        for records in batch.values():
-            for record in records:
-                try:
-                    result = decode(InferenceResult, record.value)
-                except UndecodableMessage:
-                    continue  # deltas (a job does not stream) or foreign records: not results
-                if result.request_id in self.by_id or (self._ids is not None and result.request_id not in self._ids):
-                    continue
-                self.by_id[result.request_id] = result
-                self.ok += result.status == Status.ok
-                self.pending.discard(result.request_id)
+    def _take(self, record) -> None:
+        try:
+            result = decode(InferenceResult, record.value)
+        except UndecodableMessage:
+            return  # deltas (a job does not stream) or foreign records: not results
+        if result.request_id in self.by_id or (self._ids is not None and result.request_id not in self._ids):
+            return
+        self.by_id[result.request_id] = result
+        self.ok += result.status == Status.ok
+        self.pending.discard(result.request_id)
 
     async def stop(self) -> None:
         if self._consumer is not None:
@@ -197,23 +191,14 @@ async def read_job(bootstrap: str, topics: Topics, job: str) -> BatchJob | None:
     """The latest record of `job` on the batches topic, or None."""
     consumer = kafka.consumer(bootstrap, group_id=None, auto_offset_reset="earliest")
     await consumer.start()
+    found = None
     try:
-        await consumer.topics()
-        parts = [TopicPartition(topics.batches, p) for p in sorted(consumer.partitions_for_topic(topics.batches) or ())]
-        if not parts:
-            return None
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        end = await consumer.end_offsets(parts)
-        found = None
-        while await kafka.behind(consumer, end):
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for record in records:
-                    if record.key == job.encode():
-                        try:
-                            found = decode(BatchJob, record.value)
-                        except UndecodableMessage as exc:
-                            log.warning("ignoring an unreadable batch record at offset %d: %s", record.offset, exc)
+        async for record in kafka.from_start(consumer, topics.batches):
+            if record.key == job.encode():
+                try:
+                    found = decode(BatchJob, record.value)
+                except UndecodableMessage as exc:
+                    log.warning("ignoring an unreadable batch record at offset %d: %s", record.offset, exc)
         return found
     finally:
         await consumer.stop()

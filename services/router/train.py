@@ -35,32 +35,18 @@ BUNDLED_EVAL = Path(__file__).resolve().parent / "data" / "labeled_eval.jsonl"
 
 async def history(bootstrap: str, topics: Topics, timeout_s: float = 60.0) -> list[tuple[InferenceRequest, str]]:
     """Labeled examples from every confidence check on the escalations topic, read to its end."""
-    from aiokafka.structs import TopicPartition
-
     reader = kafka.consumer(bootstrap, group_id=None, auto_offset_reset="earliest")
     await reader.start()
     latest: dict[tuple[str, str], ConfidenceCheck] = {}
     try:
-        await reader.topics()
-        partitions = [TopicPartition(topics.escalations, p)
-                      for p in sorted(reader.partitions_for_topic(topics.escalations) or ())]
-        if not partitions:
-            return []
-        reader.assign(partitions)
-        await reader.seek_to_beginning(*partitions)
-        ends = await reader.end_offsets(partitions)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while [tp for tp in partitions if await reader.position(tp) < ends[tp]] and loop.time() < deadline:
-            for records in (await reader.getmany(timeout_ms=500)).values():
-                for record in records:
-                    try:
-                        check = decode(ConfidenceCheck, record.value)
-                    except UndecodableMessage:
-                        continue
-                    key = (check.request.tenant, check.request.id)
-                    if key not in latest or check.ts_ms >= latest[key].ts_ms:
-                        latest[key] = check
+        async for record in kafka.from_start(reader, topics.escalations, timeout_s):
+            try:
+                check = decode(ConfidenceCheck, record.value)
+            except UndecodableMessage:
+                continue
+            key = (check.request.tenant, check.request.id)
+            if key not in latest or check.ts_ms >= latest[key].ts_ms:
+                latest[key] = check
     finally:
         await reader.stop()
     return [(check.request, HARD if check.escalated else SIMPLE) for check in latest.values()]

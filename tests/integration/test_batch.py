@@ -12,7 +12,6 @@ import sys
 
 import orjson
 import pytest
-from aiokafka.structs import TopicPartition
 
 from schemas import CostRecord, InferenceResult
 from shared import kafka
@@ -56,16 +55,7 @@ async def records_of(broker: str, topic: str) -> list[bytes]:
     consumer = kafka.consumer(broker, group_id=None, auto_offset_reset="earliest")
     await consumer.start()
     try:
-        await consumer.topics()
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        end = await consumer.end_offsets(parts)
-        values = []
-        while await kafka.behind(consumer, end):
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                values.extend(r.value for r in records)
-        return values
+        return [record.value async for record in kafka.from_start(consumer, topic)]
     finally:
         await consumer.stop()
 
