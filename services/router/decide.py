@@ -10,8 +10,9 @@ candidates, cheapest first, travel with the request as its fallback chain.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 
-from schemas import Hop, InferenceRequest, PolicySet, RoutedRequest, RoutePolicy, now_ms
+from schemas import Hop, InferenceRequest, ModelPrice, PolicySet, RoutedRequest, RoutePolicy, now_ms
 from shared.prefix import prefix_hash
 from shared.errors import EscalationNotAllowed, InputError, InputTooLarge, UnknownRoute
 
@@ -52,13 +53,50 @@ def admit(request: InferenceRequest, policies: PolicySet, tokens_in: int) -> Rou
     return policy
 
 
-def tiers_of(policy: RoutePolicy, policies: PolicySet) -> set[int]:
-    return {policies.tier_rank(m) for m in policy.models}
+@dataclass(frozen=True)
+class Facts:
+    """What every decision under one policy set looks up, worked out once per set: the router
+    decides thousands of times a second under the same policy."""
+
+    ranks: dict[str, int]
+    prices: dict[str, ModelPrice]
+    hops: dict[str, Hop]
+    route_tiers: dict[int, frozenset[int]]  # id(RoutePolicy) -> the tier ranks of its models
+    hard_rank: int
+
+    @classmethod
+    def of(cls, policies: PolicySet) -> Facts:
+        ranks = {m: policies.tier_rank(m) for m in policies.models}
+        prices = {m: spec.price for m, spec in policies.models.items()}
+        return cls(
+            ranks=ranks,
+            prices=prices,
+            hops={m: Hop(model=m, tier=spec.tier, rank=ranks[m], price=prices[m]) for m, spec in policies.models.items()},
+            route_tiers={id(p): frozenset(ranks[m] for m in p.models) for p in policies.routes.values()},
+            hard_rank=policies.hard_rank,
+        )
+
+
+_FACTS: dict[int, tuple[PolicySet, Facts]] = {}
+
+
+def facts(policies: PolicySet) -> Facts:
+    """The Facts of `policies` (kept for the few policy sets seen last; a policy set is immutable)."""
+    known = _FACTS.get(id(policies))
+    if known is None or known[0] is not policies:
+        if len(_FACTS) >= 8:
+            _FACTS.clear()
+        known = _FACTS[id(policies)] = (policies, Facts.of(policies))
+    return known[1]
+
+
+def tiers_of(policy: RoutePolicy, policies: PolicySet) -> frozenset[int]:
+    tiers = facts(policies).route_tiers.get(id(policy))
+    return tiers if tiers is not None else frozenset(policies.tier_rank(m) for m in policy.models)
 
 
 def hop(model: str, policies: PolicySet) -> Hop:
-    spec = policies.models[model]
-    return Hop(model=model, tier=spec.tier, rank=policies.tier_rank(model), price=spec.price)
+    return facts(policies).hops[model]
 
 
 def decide(request: InferenceRequest, policies: PolicySet, *, tokens_in: int | None = None, hard: bool = False,
@@ -69,6 +107,7 @@ def decide(request: InferenceRequest, policies: PolicySet, *, tokens_in: int | N
     `tokens_in` is the caller's estimate_tokens(request), when it has one already."""
     tokens_in = estimate_tokens(request) if tokens_in is None else tokens_in
     policy = admit(request, policies, tokens_in)
+    known = facts(policies)
     max_tokens = min(request.sampling.max_tokens, policy.max_output_tokens)
     why = list(reasons)
     strongest = max(tiers_of(policy, policies))
@@ -77,8 +116,8 @@ def decide(request: InferenceRequest, policies: PolicySet, *, tokens_in: int | N
         needs_tier = strongest
         why.append("escalate requested")
     elif hard:
-        needs_tier = min(policies.hard_rank, strongest)
-        if needs_tier < policies.hard_rank:
+        needs_tier = min(known.hard_rank, strongest)
+        if needs_tier < known.hard_rank:
             why.append(f"judged hard; the route's strongest tier is {policies.tiers[needs_tier]}")
     ceilings = [c for c in (policy.max_cost_usd and int(policy.max_cost_usd * NANO_USD_PER_USD),
                             request.max_cost_nano_usd) if c is not None]
@@ -87,8 +126,8 @@ def decide(request: InferenceRequest, policies: PolicySet, *, tokens_in: int | N
     candidates, skipped, sick = [], [], []
     for model in policy.models:
         spec = policies.models[model]
-        worst_case = spec.price.cost_nano_usd(tokens_in, max_tokens)
-        if policies.tier_rank(model) < needs_tier:
+        worst_case = known.prices[model].cost_nano_usd(tokens_in, max_tokens)
+        if known.ranks[model] < needs_tier:
             skipped.append(f"{model}: tier {spec.tier} is below {policies.tiers[needs_tier]}")
         elif tokens_in + 1 > spec.max_context_tokens:
             skipped.append(f"{model}: context {spec.max_context_tokens} tokens is too short")
@@ -119,11 +158,11 @@ def decide(request: InferenceRequest, policies: PolicySet, *, tokens_in: int | N
         request=request,
         model=chosen,
         tier=policies.models[chosen].tier,
-        price=policies.models[chosen].price,
+        price=known.prices[chosen],
         policy_version=policies.version,
         received_at_ms=now_ms(),
-        fallbacks=[hop(model, policies) for _, model in candidates[1:]],
-        rank=policies.tier_rank(chosen),
+        fallbacks=[known.hops[model] for _, model in candidates[1:]],
+        rank=known.ranks[chosen],
         escalate_below=policy.escalate_below_confidence,
         prefix_hash=prefix_hash(request),
         reasons=why,

@@ -27,21 +27,38 @@ log = logging.getLogger(__name__)
 
 STALE_INTERVALS = 3
 MIN_REQUESTS_FOR_ERROR_RATE = 10
+FRESH_TICK_MS = 100  # fresh() answers from memory within one tick (reports come every few seconds)
 HEALTHY = Gauge("switchyard_router_model_healthy", "1 while the router considers the model healthy.", ["model"])
 
 
 class HealthBoard:
     def __init__(self):
         self._latest: dict[tuple[str, str], ModelHealth] = {}
+        # fresh() for the current tick, per model: the router asks for every request it forwards.
+        self._fresh: dict[str, list[ModelHealth]] = {}
+        self._fresh_tick = -1
 
     def report(self, health: ModelHealth) -> None:
         key = (health.model, health.worker)
         known = self._latest.get(key)
         if known is None or health.ts_ms >= known.ts_ms:
             self._latest[key] = health
+            self._fresh.clear()
 
     def fresh(self, model: str, now_ms: int | None = None) -> list[ModelHealth]:
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        if now_ms is not None:
+            return self._select(model, now_ms)
+        now_ms = int(time.time() * 1000)
+        tick = now_ms // FRESH_TICK_MS
+        if tick != self._fresh_tick:
+            self._fresh.clear()
+            self._fresh_tick = tick
+        found = self._fresh.get(model)
+        if found is None:
+            found = self._fresh[model] = self._select(model, now_ms)
+        return found
+
+    def _select(self, model: str, now_ms: int) -> list[ModelHealth]:
         return [h for (m, _), h in self._latest.items()
                 if m == model and now_ms - h.ts_ms <= STALE_INTERVALS * h.interval_s * 1000]
 

@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -22,16 +23,18 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "switchyard:limit:"
 WINDOW_S = 60
 
-# Admits a batch in one call, in order, each ask seeing the counts of those before it: ask i has
-# KEYS[2i-1] (its requests counter), KEYS[2i] (its tokens counter) and ARGV[3i-1..3i+1] (max
-# requests, max tokens, its tokens); ARGV[1] is the counters' TTL. Returns, flat, (i, why) for each
-# ask refused: 1 over the request limit, 2 over the token limit.
+# Admits a batch in one call, in order, each ask seeing the counts of those before it. ARGV[1] is
+# the counters' TTL, ARGV[2] a JSON array with, for ask i, [its requests counter key, its tokens
+# counter key, max requests, max tokens, its tokens (a string: INCRBY takes it as written)].
+# (Packed, as in shared.memory: one Redis.) Returns, flat, (i, why) for each ask refused: 1 over the
+# request limit, 2 over the token limit.
 _ADMIT = """
 local ttl = ARGV[1]
+local asks = cjson.decode(ARGV[2])
 local out = {}
-for i = 1, #KEYS / 2 do
-  local requests_key, tokens_key = KEYS[2 * i - 1], KEYS[2 * i]
-  local max_requests, max_tokens, n = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+for i = 1, #asks do
+  local requests_key, tokens_key = asks[i][1], asks[i][2]
+  local max_requests, max_tokens, n = asks[i][3], asks[i][4], tonumber(asks[i][5])
   local requests = tonumber(redis.call('GET', requests_key) or '0')
   local tokens = tonumber(redis.call('GET', tokens_key) or '0')
   if max_requests >= 0 and requests + 1 > max_requests then
@@ -43,7 +46,7 @@ for i = 1, #KEYS / 2 do
   else
     redis.call('INCR', requests_key)
     redis.call('EXPIRE', requests_key, ttl)
-    redis.call('INCRBY', tokens_key, n)
+    redis.call('INCRBY', tokens_key, asks[i][5])
     redis.call('EXPIRE', tokens_key, ttl)
   end
 end
@@ -74,13 +77,13 @@ class TenantLimiter:
                    if ask[2].requests_per_minute is not None or ask[2].tokens_per_minute is not None]
         if not limited:
             return verdicts
-        keys, args = [], [WINDOW_S * 2]
+        packed = []
         for _, (tenant, tokens, limits) in limited:
             base = f"{KEY_PREFIX}{tenant}:{window}"
-            keys += [f"{base}:requests", f"{base}:tokens"]
-            args += [_or_unlimited(limits.requests_per_minute), _or_unlimited(limits.tokens_per_minute), tokens]
+            packed.append((f"{base}:requests", f"{base}:tokens", _or_unlimited(limits.requests_per_minute),
+                           _or_unlimited(limits.tokens_per_minute), str(tokens)))
         try:
-            answers = await self._admit(keys=keys, args=args)
+            answers = await self._admit(args=[WINDOW_S * 2, orjson.dumps(packed)])
         except RedisError as exc:
             if not self.degraded:
                 log.warning("Redis unavailable, admitting every request without tenant limits: %s", exc)

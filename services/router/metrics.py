@@ -3,6 +3,8 @@ the basis of a decision (which rule, the classifier, escalation), never tenant o
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Histogram
 
 from shared.metrics import LATENCY_BUCKETS
@@ -27,6 +29,29 @@ EMBED_SECONDS = Histogram("switchyard_router_embed_seconds", "Embedding one batc
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 
 
+class Children:
+    """A labelled metric's children, kept by label values: prometheus_client's labels() costs a few
+    microseconds a call, and the router asks several times per request. The label values are
+    bounded (see above), so this stays small."""
+
+    def __init__(self, metric):
+        self._metric = metric
+        self._children: dict[tuple[str, ...], object] = {}
+
+    def __call__(self, *values: str):
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
+requests = Children(REQUESTS)
+decisions = Children(DECISIONS)
+cache = Children(CACHE)
+queue_wait = Children(QUEUE_WAIT)
+
+
+@functools.lru_cache(maxsize=1024)
 def basis(reason: str) -> str:
     """'rule: code' -> 'rule:code'; 'classifier: p(hard)=0.91 ...' -> 'classifier'."""
     head, _, rest = reason.partition(":")

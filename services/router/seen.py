@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -18,12 +19,19 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "switchyard:routed:"
 
-# Records a batch in one call: KEYS[i] gets ARGV[i + 1] unless it has a value; ARGV[1] is the TTL in s.
+# Records a batch in one call: ARGV[2] is a JSON array of [key, digest]; each key gets its digest
+# unless it has a value; ARGV[1] is the TTL in s. (Packed, as in shared.memory: one Redis.)
 _RECORD = """
-for i = 1, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[1], 'NX')
+local entries = cjson.decode(ARGV[2])
+for i = 1, #entries do
+  redis.call('SET', entries[i][1], entries[i][2], 'EX', ARGV[1], 'NX')
 end
-return #KEYS
+return #entries
+"""
+
+# The digests recorded for a JSON array of keys (MGET, with one packed argument).
+_LOOKUP = """
+return redis.call('MGET', unpack(cjson.decode(ARGV[1])))
 """
 
 
@@ -36,6 +44,7 @@ class ForwardedLog:
         self._redis = redis
         self._window_s = window_s
         self._record = redis.register_script(_RECORD)
+        self._lookup = redis.register_script(_LOOKUP)
         self.degraded = False
 
     @staticmethod
@@ -47,7 +56,7 @@ class ForwardedLog:
         if not keys:
             return []
         try:
-            values = await self._redis.mget([self._key(t, i) for t, i in keys])
+            values = await self._lookup(args=[orjson.dumps([self._key(t, i) for t, i in keys])])
         except RedisError as exc:
             self._degrade(exc)
             return [None] * len(keys)
@@ -59,8 +68,8 @@ class ForwardedLog:
         if not entries:
             return
         try:
-            await self._record(keys=[self._key(tenant, request_id) for tenant, request_id, _ in entries],
-                               args=[self._window_s, *(digest for _, _, digest in entries)])
+            await self._record(args=[self._window_s, orjson.dumps(
+                [(self._key(tenant, request_id), digest) for tenant, request_id, digest in entries])])
         except RedisError as exc:
             self._degrade(exc)
 

@@ -146,7 +146,7 @@ class Router:
                                     f"{MAX_REQUEST_BYTES}")
                 request = decode(InferenceRequest, record.value)
                 decoded.append((record, request, content_digest(record.value)))
-                metrics.QUEUE_WAIT.labels(request.priority.value).observe(max(0, now - request.created_at_ms) / 1000)
+                metrics.queue_wait(request.priority.value).observe(max(0, now - request.created_at_ms) / 1000)
             except UndecodableMessage as exc:
                 self._count("", "dead_lettered")
                 answers.append(_Answer(record, None, await outcomes.dead_letter(record, exc.code, str(exc))))
@@ -218,7 +218,7 @@ class Router:
         for p in await self._remembered(allowed, answers, outcomes):
             request, routed = p.request, p.routed
             self._count(request.route, "routed")
-            metrics.DECISIONS.labels(self._label(request.route), routed.tier or "", routed.model,
+            metrics.decisions(self._label(request.route), routed.tier or "", routed.model,
                                      metrics.basis(routed.reasons[0])).inc()
             try:
                 value = encode(routed)
@@ -282,11 +282,11 @@ class Router:
         for p in allowed:
             hit, kind = hits.get(id(p)), CacheHit.exact
             if p.policy.cache.exact:
-                metrics.CACHE.labels(self._label(p.request.route), "exact", "hit" if hit else "miss").inc()
+                metrics.cache(self._label(p.request.route), "exact", "hit" if hit else "miss").inc()
             if hit is None and p.vector is not None and p.policy.cache.semantic:
                 found = self._semantic.lookup(cache_namespace(p.request, p.policy), p.vector,
                                               p.policy.cache.semantic_threshold)
-                metrics.CACHE.labels(self._label(p.request.route), "semantic", "hit" if found else "miss").inc()
+                metrics.cache(self._label(p.request.route), "semantic", "hit" if found else "miss").inc()
                 if found is not None:
                     hit, kind = found[0], CacheHit.semantic
             if hit is not None:
@@ -303,13 +303,13 @@ class Router:
             claim = claimed.get(id(p))
             if claim is not None and claim.state == "done":
                 self._count(p.request.route, "repeat_answered")
-                metrics.CACHE.labels(self._label(p.request.route), "idempotency", "hit").inc()
+                metrics.cache(self._label(p.request.route), "idempotency", "hit").inc()
                 answers.append(_Answer(p.record, p.entry, await self._answer(
                     outcomes, p.request, claim.first, CacheHit.idempotent)))
             elif claim is not None and claim.state == "waiting":
                 # The worker running the first one answers this one too when it finishes.
                 self._count(p.request.route, "repeat_waiting")
-                metrics.CACHE.labels(self._label(p.request.route), "idempotency", "wait").inc()
+                metrics.cache(self._label(p.request.route), "idempotency", "wait").inc()
                 answers.append(_Answer(p.record, p.entry, []))
             else:
                 p.routed = p.routed.model_copy(update={"memo": self._memo(p, claim is not None)})
@@ -338,7 +338,7 @@ class Router:
 
     def _count(self, route: str, outcome: str) -> None:
         self.counts[outcome] += 1
-        metrics.REQUESTS.labels(self._label(route), outcome).inc()
+        metrics.requests(self._label(route), outcome).inc()
 
     def _label(self, route: str) -> str:
         """A sender may name any route (the default policy may serve it): only the policy's own
