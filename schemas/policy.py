@@ -80,6 +80,9 @@ class CachePolicy(WireModel):
     exact: bool = Field(default=False, description="Answer a request identical to an earlier one from its stored result.")
     semantic: bool = Field(default=False, description="Answer a request whose conversation is close enough in meaning.")
     semantic_threshold: float = Field(default=0.95, gt=0, le=1, description="Cosine similarity a semantic hit needs.")
+    semantic_embedder: Literal["minilm", "static"] = Field(default="minilm", description=(
+        "minilm: all-MiniLM-L6-v2, the better judge of meaning (milliseconds a request on a CPU); static: "
+        "a table distilled from it, microseconds a request, blinder to wording (see docs/policy.md)."))
     shared: bool = Field(default=False, description="Share entries between tenants; off: each tenant has its own.")
     ttl_s: int = Field(default=3600, ge=1, description="How long an entry answers.")
     max_entries: int = Field(default=10_000, ge=1, description="Semantic entries per namespace; the oldest go first.")

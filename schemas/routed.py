@@ -19,6 +19,8 @@ class Memo(WireModel):
     semantic_max_entries: int = Field(default=10_000, ge=1)
     semantic_namespace: str | None = Field(default=None, description="Semantic cache namespace, when the route caches.")
     embedding: str | None = Field(default=None, description="The conversation's embedding: base64 of float16 values.")
+    semantic_signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{16,64}$", description=(
+        "The conversation's guard signature (hex): a semantic hit needs the same one."))
 
 
 class Hop(WireModel):

@@ -5,8 +5,9 @@ router computed for its conversation and the namespace it belongs to (route and 
 alone when the route shares its cache). Every router replays the stream when it starts and then
 follows it, keeping an in-memory index per namespace: a ring of at most `max_entries` unit
 vectors (the oldest entry is evicted first), each with its expiry. A lookup is one matrix-vector
-product per namespace; a hit needs the route's cosine threshold and an unexpired entry. The
-stream itself is capped, so Redis holds a bounded amount.
+product per namespace; a hit needs the route's cosine threshold, an unexpired entry and the same
+guard signature (shared.semantic_guard: the numbers, negations and identifiers both texts must
+share, which embeddings blur). The stream itself is capped, so Redis holds a bounded amount.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 STREAM = "switchyard:semantic"
 STREAM_MAX = 200_000
+SCORES_MAX = 4_000_000  # similarity values computed at once in a batch lookup (16 MB)
 
 
 def pack(vector: np.ndarray) -> str:
@@ -43,13 +45,15 @@ class _Ring:
         self.capacity = capacity
         self.vectors = np.zeros((capacity, dimensions), dtype=np.float32)
         self.expires = np.zeros(capacity, dtype=np.float64)
+        self.signatures = np.zeros(capacity, dtype=np.uint64)
         self.results: list[bytes | None] = [None] * capacity
         self.count = 0  # entries ever added; the next goes to count % capacity
 
-    def add(self, vector: np.ndarray, result: bytes, expires: float) -> None:
+    def add(self, vector: np.ndarray, result: bytes, expires: float, signature: int) -> None:
         slot = self.count % self.capacity
         self.vectors[slot] = vector
         self.expires[slot] = expires
+        self.signatures[slot] = signature
         self.results[slot] = result
         self.count += 1
 
@@ -58,17 +62,19 @@ class _Ring:
         live = min(self.count, self.capacity)
         for k in range(max(0, self.count - min(live, capacity)), self.count):
             slot = k % self.capacity
-            ring.add(self.vectors[slot], self.results[slot], self.expires[slot])
+            ring.add(self.vectors[slot], self.results[slot], self.expires[slot], int(self.signatures[slot]))
         return ring
 
-    def best(self, vector: np.ndarray, now: float) -> tuple[float, int]:
+    def best(self, vectors: np.ndarray, now: float, signatures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each row of `vectors` (k × d) with its signature: the best score and its slot (-1: none)."""
         live = min(self.count, self.capacity)
         if live == 0:
-            return -1.0, -1
-        scores = self.vectors[:live] @ vector
-        scores[self.expires[:live] <= now] = -1.0
-        slot = int(np.argmax(scores))
-        return float(scores[slot]), slot
+            return np.full(len(vectors), -1.0), np.full(len(vectors), -1)
+        # One matrix product for the whole batch: the entries are read once, not once per request.
+        scores = self.vectors[:live] @ vectors.T
+        scores[(self.expires[:live] <= now)[:, None] | (self.signatures[:live, None] != signatures[None, :])] = -1.0
+        slots = np.argmax(scores, axis=0)
+        return scores[slots, np.arange(len(vectors))], slots
 
 
 class SemanticIndex:
@@ -82,23 +88,37 @@ class SemanticIndex:
         self._task: asyncio.Task | None = None
         self.entries_seen = 0
 
-    def add(self, namespace: str, vector: np.ndarray, result: bytes, expires: float, max_entries: int) -> None:
+    def add(self, namespace: str, vector: np.ndarray, result: bytes, expires: float, max_entries: int,
+            signature: str) -> None:
         ring = self._rings.get(namespace)
         if ring is None:
             ring = self._rings[namespace] = _Ring(max_entries, len(vector))
         elif ring.capacity != max_entries:
             ring = self._rings[namespace] = ring.resized(max_entries)
-        ring.add(vector, result, expires)
+        ring.add(vector, result, expires, _as_int(signature))
         self.entries_seen += 1
 
-    def lookup(self, namespace: str, vector: np.ndarray, threshold: float) -> tuple[InferenceResult, float] | None:
+    def lookup(self, namespace: str, vector: np.ndarray, threshold: float,
+               signature: str) -> tuple[InferenceResult, float] | None:
+        """The closest unexpired entry at or over `threshold` whose guard signature is `signature`."""
+        return self.lookup_many(namespace, vector[None, :], threshold, [signature])[0]
+
+    def lookup_many(self, namespace: str, vectors: np.ndarray, threshold: float,
+                    signatures: list[str]) -> list[tuple[InferenceResult, float] | None]:
+        """lookup() for each row of `vectors` with its signature, in one pass over the namespace."""
         ring = self._rings.get(namespace)
         if ring is None:
-            return None
-        score, slot = ring.best(vector, time.time())
-        if slot < 0 or score < threshold:
-            return None
-        return InferenceResult.model_validate_json(ring.results[slot]), score
+            return [None] * len(vectors)
+        wanted = np.array([_as_int(s) for s in signatures], dtype=np.uint64)
+        now, out = time.time(), []
+        # Queries in chunks, so the scores matrix (entries × queries) stays within SCORES_MAX values.
+        step = max(1, SCORES_MAX // max(1, min(ring.count, ring.capacity)))
+        for start in range(0, len(vectors), step):
+            scores, slots = ring.best(vectors[start:start + step], now, wanted[start:start + step])
+            out += [None if score < threshold or score < 0 else
+                    (InferenceResult.model_validate_json(ring.results[slot]), float(score))
+                    for score, slot in zip(scores.tolist(), slots.tolist())]
+        return out
 
     def size(self, namespace: str) -> int:
         ring = self._rings.get(namespace)
@@ -134,16 +154,21 @@ class SemanticIndex:
                     self._last_id = entry_id
                     try:
                         self.add(fields[b"ns"].decode(), unpack(fields[b"emb"]), fields[b"result"],
-                                 float(fields[b"exp"]), int(fields[b"max"]))
+                                 float(fields[b"exp"]), int(fields[b"max"]), fields[b"sig"].decode())
                     except (KeyError, ValueError) as exc:
                         log.warning("semantic cache: skipped a bad entry %s: %r", entry_id, exc)
             if block_ms is not None:
                 return
 
 
-async def publish(redis: Redis, namespace: str, embedding: str, result: bytes, ttl_s: int, max_entries: int,
-                  *, stream: str = STREAM) -> None:
+def _as_int(signature: str) -> int:
+    """A signature (hex) as the ring keeps it: its first 64 bits."""
+    return int(signature[:16], 16)
+
+
+async def publish(redis: Redis, namespace: str, embedding: str, signature: str, result: bytes, ttl_s: int,
+                  max_entries: int, *, stream: str = STREAM) -> None:
     """A worker's part: offer an ok result to every router's index."""
-    await redis.xadd(stream, {"ns": namespace, "emb": embedding, "result": result,
+    await redis.xadd(stream, {"ns": namespace, "emb": embedding, "sig": signature, "result": result,
                               "exp": f"{time.time() + ttl_s:.3f}", "max": str(max_entries)},
                      maxlen=STREAM_MAX, approximate=True)

@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from services.router.classify import Classifier, Model
 from services.router.embed import Embedder
+from services.router.static_embed import StaticEmbedder
 from services.router.feed import PolicyFeed
 from services.router.health import HealthBoard
 from services.router.policy import load
@@ -37,6 +38,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                     settings.topics.policies, settings.policy_file)
     redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     embedder, classifier = await load_judgement(settings)
+    static = await load_static_embedder(settings) if embedder is not None else None
     semantic = SemanticIndex(redis) if embedder is not None else None
     metrics.serve(settings.metrics_port, "router")
     try:
@@ -45,13 +47,22 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         router = Router(bootstrap=settings.bootstrap, topics=settings.topics, policies=policies,
                         forwarded=ForwardedLog(redis), limiter=TenantLimiter(redis), feed=feed,
                         classifier=classifier, embedder=embedder, memory=Memory(redis), semantic=semantic,
-                        health=HealthBoard())
+                        health=HealthBoard(), static_embedder=static)
         await router.run(stop)
     finally:
         if semantic is not None:
             await semantic.stop()
         await feed.stop()
         await redis.aclose()
+
+
+async def load_static_embedder(settings: Settings) -> StaticEmbedder:
+    """The semantic caches' fast embedder: distilled from MiniLM into the models directory the first
+    time (seconds), loaded from there after."""
+    static = await asyncio.to_thread(StaticEmbedder, settings.models_dir)
+    if static.distil_seconds is not None:
+        log.info("distilled the static embedder into %s in %.1f s", settings.models_dir, static.distil_seconds)
+    return static
 
 
 async def load_judgement(settings: Settings) -> tuple[object | None, Classifier]:

@@ -38,6 +38,7 @@ from shared.errors import InputError, UndecodableMessage
 from shared.memory import Memory, cache_namespace, content_hash, exact_key, idempotency_key, replay
 from shared.outcomes import Outcomes, cost_record, error_result
 from shared.semantic import SemanticIndex, pack
+from shared.semantic_guard import signature
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class Router:
                  limiter: TenantLimiter, feed: PolicyFeed | None = None, group_id: str = "router",
                  max_batch: int = 500, classifier: Classifier | None = None, embedder=None,
                  memory: Memory | None = None, semantic: SemanticIndex | None = None, min_share: float = 0.1,
-                 health: HealthBoard | None = None):
+                 health: HealthBoard | None = None, static_embedder=None):
         self._bootstrap = bootstrap
         self._limiter = limiter
         self._feed = feed
@@ -63,6 +64,8 @@ class Router:
         self._max_batch = max_batch
         self._classifier = classifier or Classifier(None)
         self._embedder = embedder if embedder is not None else self._classifier.embedder
+        # Semantic caches embed with the embedder their route names; without the static one, MiniLM.
+        self._cache_embedders = {"minilm": self._embedder, "static": static_embedder or self._embedder}
         self._memory = memory
         self._semantic = semantic if self._embedder is not None else None
         if semantic is not None and self._embedder is None:
@@ -241,9 +244,15 @@ class Router:
 
     async def _judge(self, pending: list[_Pending]) -> None:
         """Set each request's verdict (how hard it is) and, for a semantic cache, its conversation's
-        embedding. The classifier reads what is asked (no system prompt), the cache the whole
-        conversation; where the two texts are the same, one embedding serves both."""
-        texts: dict[str, int] = {}
+        embedding and guard signature. The classifier reads what is asked (no system prompt) with
+        MiniLM, the cache the whole conversation with the route's embedder; where a text and its
+        embedder are the same, one embedding serves both."""
+        texts: dict[object, dict[str, int]] = {}  # embedder -> text -> row
+
+        def want(embedder, text: str) -> None:
+            rows = texts.setdefault(embedder, {})
+            rows.setdefault(text, len(rows))
+
         for p in pending:
             p.text = conversation_text(p.request)
             p.asked = asked_text(p.request)
@@ -251,23 +260,35 @@ class Router:
             if not p.request.escalate and len(tiers_of(p.policy, self.policies)) > 1:
                 p.verdict = rules(p.request, p.asked, p.tokens_in)
             if p.verdict is not None and p.verdict.label is None and self._classifier.model is not None:
-                texts.setdefault(p.asked, len(texts))
+                want(self._embedder, p.asked)
             if self._semantic is not None and p.policy.cache.semantic:
-                texts.setdefault(p.text, len(texts))
-        vectors = None
-        if texts:
+                p.cache_embedder = self._cache_embedders[p.policy.cache.semantic_embedder]
+                want(p.cache_embedder, p.text)
+        vectors = {}
+        for embedder, rows in texts.items():
             started = time.perf_counter()
-            vectors = await asyncio.to_thread(self._embedder.embed, list(texts))
+            if embedder is self._embedder:  # milliseconds a text: off the event loop
+                vectors[embedder] = await asyncio.to_thread(embedder.embed, list(rows))
+            else:  # microseconds a text
+                vectors[embedder] = embedder.embed(list(rows))
             metrics.EMBED_SECONDS.observe(time.perf_counter() - started)
-            for p in pending:
-                if self._semantic is not None and p.policy.cache.semantic:
-                    p.vector = vectors[texts[p.text]]
+        for p in pending:
+            if p.cache_embedder is not None:
+                p.vector = vectors[p.cache_embedder][texts[p.cache_embedder][p.text]]
+                p.signature = signature(p.text)
         undecided = [p for p in pending if p.verdict is not None and p.verdict.label is None]
         if undecided:
-            asked = None if self._classifier.model is None else vectors[[texts[p.asked] for p in undecided]]
+            asked = None
+            if self._classifier.model is not None:
+                asked = vectors[self._embedder][[texts[self._embedder][p.asked] for p in undecided]]
             for p, verdict in zip(undecided, self._classifier.classify(
                     [(p.request, p.asked, asked_tokens(p.request)) for p in undecided], asked)):
                 p.verdict = verdict
+
+    def _semantic_namespace(self, p: _Pending) -> str:
+        """The tenant's (or shared) namespace of the route, per embedder: vectors of two embedders never meet."""
+        kind = "static" if p.cache_embedder is not self._embedder else "minilm"
+        return f"{cache_namespace(p.request, p.policy)}:{kind}"
 
     async def _remembered(self, allowed: list[_Pending], answers: list[_Answer], outcomes: Outcomes) -> list[_Pending]:
         """Answer what the exact cache, the semantic cache or an earlier identical request can answer;
@@ -279,13 +300,13 @@ class Router:
         for p in exact:
             p.exact_key = exact_key(cache_namespace(p.request, p.policy), content_hash(p.request))
         hits = dict(zip(map(id, exact), await self._memory.exact([p.exact_key for p in exact])))
+        similar = self._semantic_lookups([p for p in allowed if p.vector is not None and hits.get(id(p)) is None])
         for p in allowed:
             hit, kind = hits.get(id(p)), CacheHit.exact
             if p.policy.cache.exact:
                 metrics.cache(self._label(p.request.route), "exact", "hit" if hit else "miss").inc()
             if hit is None and p.vector is not None and p.policy.cache.semantic:
-                found = self._semantic.lookup(cache_namespace(p.request, p.policy), p.vector,
-                                              p.policy.cache.semantic_threshold)
+                found = similar[id(p)]
                 metrics.cache(self._label(p.request.route), "semantic", "hit" if found else "miss").inc()
                 if found is not None:
                     hit, kind = found[0], CacheHit.semantic
@@ -316,6 +337,18 @@ class Router:
                 forward.append(p)
         return forward
 
+    def _semantic_lookups(self, candidates: list[_Pending]) -> dict[int, tuple | None]:
+        """The semantic cache's answer for each candidate (by id), one lookup per namespace and threshold."""
+        groups: dict[tuple[str, float], list[_Pending]] = {}
+        for p in candidates:
+            groups.setdefault((self._semantic_namespace(p), p.policy.cache.semantic_threshold), []).append(p)
+        found = {}
+        for (namespace, threshold), group in groups.items():
+            answers = self._semantic.lookup_many(namespace, np.stack([p.vector for p in group]), threshold,
+                                                 [p.signature for p in group])
+            found.update(zip(map(id, group), answers))
+        return found
+
     @staticmethod
     async def _answer(outcomes: Outcomes, request: InferenceRequest, first, kind: CacheHit) -> list[asyncio.Future]:
         result = replay(first, request, kind)
@@ -331,9 +364,10 @@ class Router:
             window_s=max(1, p.policy.idempotency_window_s),
             exact_key=p.exact_key,
             cache_ttl_s=cache.ttl_s,
-            semantic_namespace=cache_namespace(p.request, p.policy) if semantic else None,
+            semantic_namespace=self._semantic_namespace(p) if semantic else None,
             semantic_max_entries=cache.max_entries,
             embedding=pack(p.vector) if semantic else None,
+            semantic_signature=p.signature if semantic else None,
         )
 
     def _count(self, route: str, outcome: str) -> None:
@@ -388,6 +422,8 @@ class _Pending:
     asked: str = ""
     verdict: Verdict | None = None
     vector: np.ndarray | None = None
+    cache_embedder: object | None = None
+    signature: str | None = None
     routed: RoutedRequest | None = None
     exact_key: str | None = None
 

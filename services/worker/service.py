@@ -275,9 +275,10 @@ class Worker:
         """Store the result for repeats and caches, and answer the repeats that waited for it."""
         memo = routed.memo
         waiters = await self._memory.complete(routed, result)
-        if result.status == Status.ok and memo.semantic_namespace and memo.embedding:
+        if result.status == Status.ok and memo.semantic_namespace and memo.embedding and memo.semantic_signature:
             try:
-                await semantic.publish(self._redis, memo.semantic_namespace, memo.embedding, encode(result),
+                await semantic.publish(self._redis, memo.semantic_namespace, memo.embedding,
+                                       memo.semantic_signature, encode(result),
                                        memo.cache_ttl_s, memo.semantic_max_entries)
             except RedisError as exc:
                 log.warning("could not offer %s to the semantic cache: %s", routed.request.id, exc)

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from services.router import train
 from services.router.classify import Classifier, Model
 from services.router.embed import Embedder
+from services.router.static_embed import StaticEmbedder
 from services.router.feed import PolicyFeed
 from services.router.health import HealthBoard
 from services.router.policy import load
@@ -68,6 +69,8 @@ routes:
   short: {models: [small], max_output_tokens: 4}
   tiered: {models: [small, large], max_output_tokens: 8}
   cached: {models: [small], max_output_tokens: 8, cache: {exact: true, semantic: true, semantic_threshold: 0.9}}
+  fast-cached: {models: [small], max_output_tokens: 8,
+                cache: {semantic: true, semantic_embedder: static, semantic_threshold: 0.9}}
   shared-cache: {models: [small], max_output_tokens: 8, cache: {exact: true, shared: true}}
   long: {models: [small], max_output_tokens: 1000}
   escalating: {models: [small, big], max_output_tokens: 8, escalate_below_confidence: 0.9}
@@ -177,6 +180,12 @@ def embedder():
 
 
 @pytest.fixture(scope="session")
+def static_embedder(tmp_path_factory):
+    """The static embedder distilled from MiniLM, as a router builds it on its first start (seconds)."""
+    return StaticEmbedder(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
 def classifier_path(tmp_path_factory, embedder) -> Path:
     """A classifier fitted from the bundled labeled prompts, as `switchyard router train` does."""
     path = tmp_path_factory.mktemp("classifier") / "classifier.json"
@@ -185,7 +194,7 @@ def classifier_path(tmp_path_factory, embedder) -> Path:
 
 
 @pytest.fixture
-async def router(broker, redis_url, topics, policies, embedder, classifier_path):
+async def router(broker, redis_url, topics, policies, embedder, static_embedder, classifier_path):
     """A router as `switchyard router` runs one: the policy in force on the topic, else the file's;
     the trained classifier, the caches and idempotency in Redis."""
     await ensure_topics(broker, topics.plan(MODELS))
@@ -196,7 +205,7 @@ async def router(broker, redis_url, topics, policies, embedder, classifier_path)
     router = Router(bootstrap=broker, topics=topics, policies=await feed.start() or policies,
                     forwarded=ForwardedLog(redis), limiter=TenantLimiter(redis), feed=feed,
                     classifier=Classifier(Model.load(classifier_path), embedder), embedder=embedder,
-                    memory=Memory(redis), semantic=semantic, health=HealthBoard())
+                    memory=Memory(redis), semantic=semantic, health=HealthBoard(), static_embedder=static_embedder)
     stop = asyncio.Event()
     task = asyncio.create_task(router.run(stop))
     router.task = task  # tests check it is still running

@@ -133,7 +133,7 @@ async def test_the_semantic_cache_matches_meaning_within_a_tenant_and_whole_conv
     assert first.cache_hit == CacheHit.none
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10
-    while router._semantic.size(f"cached:{me}") == 0 and loop.time() < deadline:
+    while router._semantic.size(f"cached:{me}:minilm") == 0 and loop.time() < deadline:
         await asyncio.sleep(0.1)
     close = await client.complete(tenant=me, route="cached", prompt="what's the capital city of France?", max_tokens=8)
     assert close.cache_hit == CacheHit.semantic and close.output == first.output
@@ -149,6 +149,33 @@ async def test_the_semantic_cache_matches_meaning_within_a_tenant_and_whole_conv
                {"role": "user", "content": "What is the capital of France?"}]
     assert (await client.complete(tenant=me, route="cached", messages=history,
                                   max_tokens=8)).cache_hit == CacheHit.none
+    books = await wait_for_rows(store, "tenant = {t:String} AND cache_hit = 'semantic'", 1, {"t": me})
+    assert books["records"] == 1 and books["cost_nano_usd"] == 0
+
+
+async def test_a_static_embedder_cache_serves_paraphrases_and_its_guard_refuses_a_swap(worker, router, sink, client,
+                                                                                      store, static_embedder):
+    me = tenant()
+    loop = asyncio.get_running_loop()
+
+    async def indexed(count: int) -> None:
+        deadline = loop.time() + 10
+        while router._semantic.size(f"fast-cached:{me}:static") < count and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+
+    first = await client.complete(tenant=me, route="fast-cached", prompt="How do I reset my password?", max_tokens=8)
+    assert first.cache_hit == CacheHit.none
+    await indexed(1)
+    close = await client.complete(tenant=me, route="fast-cached", prompt="How can I reset my password?", max_tokens=8)
+    assert close.cache_hit == CacheHit.semantic and close.output == first.output and close.replay_of == first.request_id
+
+    # To the static embedder these two are the same bag of words (cosine 1.0, over the route's 0.9);
+    # the guard signature (USD before EUR) tells them apart.
+    there, back = "Convert 100 USD to EUR", "Convert 100 EUR to USD"
+    assert float(static_embedder.embed([there]) @ static_embedder.embed([back]).T) > 0.9
+    assert (await client.complete(tenant=me, route="fast-cached", prompt=there, max_tokens=8)).cache_hit == CacheHit.none
+    await indexed(2)
+    assert (await client.complete(tenant=me, route="fast-cached", prompt=back, max_tokens=8)).cache_hit == CacheHit.none
     books = await wait_for_rows(store, "tenant = {t:String} AND cache_hit = 'semantic'", 1, {"t": me})
     assert books["records"] == 1 and books["cost_nano_usd"] == 0
 

@@ -1,4 +1,4 @@
-"""The router's semantic cache index: threshold, namespaces, bounded size, expiry."""
+"""The router's semantic cache index: threshold, namespaces, guard signatures, bounded size, expiry."""
 
 import time
 
@@ -7,6 +7,9 @@ import numpy as np
 from schemas import InferenceResult
 from shared.codec import encode
 from shared.semantic import SemanticIndex, pack, unpack
+
+
+SIG = "0123456789abcdef"
 
 
 def unit(*values):
@@ -20,30 +23,40 @@ def result(text):
 
 def test_a_close_enough_conversation_hits_and_a_farther_one_misses():
     index = SemanticIndex(redis=None)
-    index.add("c:t", unit(1, 0, 0), result("paris"), time.time() + 60, max_entries=10)
-    hit = index.lookup("c:t", unit(1, 0.2, 0), threshold=0.95)
+    index.add("c:t", unit(1, 0, 0), result("paris"), time.time() + 60, max_entries=10, signature=SIG)
+    hit = index.lookup("c:t", unit(1, 0.2, 0), threshold=0.95, signature=SIG)
     assert hit is not None and hit[0].output == "paris" and hit[1] > 0.95
-    assert index.lookup("c:t", unit(1, 0.5, 0), threshold=0.95) is None
-    assert index.lookup("c:other-tenant", unit(1, 0, 0), threshold=0.5) is None
+    assert index.lookup("c:t", unit(1, 0.5, 0), threshold=0.95, signature=SIG) is None
+    assert index.lookup("c:other-tenant", unit(1, 0, 0), threshold=0.5, signature=SIG) is None
+
+
+def test_an_entry_answers_only_a_conversation_with_the_same_guard_signature():
+    index = SemanticIndex(redis=None)
+    index.add("c:t", unit(1, 0, 0), result("15% of 80 is 12"), time.time() + 60, max_entries=10, signature=SIG)
+    index.add("c:t", unit(1, 0.1, 0), result("15% of 60 is 9"), time.time() + 60, max_entries=10,
+              signature="fedcba9876543210")
+    assert index.lookup("c:t", unit(1, 0, 0), threshold=0.9, signature="fedcba9876543210")[0].output == "15% of 60 is 9"
+    assert index.lookup("c:t", unit(1, 0.1, 0), threshold=0.9, signature=SIG)[0].output == "15% of 80 is 12"
+    assert index.lookup("c:t", unit(1, 0, 0), threshold=0.9, signature="00000000000000ff") is None
 
 
 def test_expired_entries_never_answer():
     index = SemanticIndex(redis=None)
-    index.add("c:t", unit(1, 0), result("old"), time.time() - 1, max_entries=10)
-    assert index.lookup("c:t", unit(1, 0), threshold=0.5) is None
+    index.add("c:t", unit(1, 0), result("old"), time.time() - 1, max_entries=10, signature=SIG)
+    assert index.lookup("c:t", unit(1, 0), threshold=0.5, signature=SIG) is None
 
 
 def test_size_is_bounded_and_the_oldest_entries_go_first():
     index = SemanticIndex(redis=None)
     for i in range(25):
-        index.add("c:t", unit(1, i, 0.5), result(str(i)), time.time() + 60, max_entries=10)
+        index.add("c:t", unit(1, i, 0.5), result(str(i)), time.time() + 60, max_entries=10, signature=SIG)
     assert index.size("c:t") == 10
-    assert index.lookup("c:t", unit(1, 0, 0.5), threshold=0.9999) is None  # entry 0 was evicted
-    assert index.lookup("c:t", unit(1, 24, 0.5), threshold=0.9999)[0].output == "24"
+    assert index.lookup("c:t", unit(1, 0, 0.5), threshold=0.9999, signature=SIG) is None  # entry 0 was evicted
+    assert index.lookup("c:t", unit(1, 24, 0.5), threshold=0.9999, signature=SIG)[0].output == "24"
     # A smaller bound from a policy change keeps the newest entries.
-    index.add("c:t", unit(0, 0, 1), result("z"), time.time() + 60, max_entries=3)
+    index.add("c:t", unit(0, 0, 1), result("z"), time.time() + 60, max_entries=3, signature=SIG)
     assert index.size("c:t") == 3
-    assert index.lookup("c:t", unit(1, 23, 0.5), threshold=0.9999)[0].output == "23"
+    assert index.lookup("c:t", unit(1, 23, 0.5), threshold=0.9999, signature=SIG)[0].output == "23"
 
 
 def test_embeddings_travel_as_float16_and_come_back_unit_length():
@@ -51,3 +64,23 @@ def test_embeddings_travel_as_float16_and_come_back_unit_length():
     back = unpack(pack(v))
     assert abs(float(np.linalg.norm(back)) - 1) < 1e-5
     assert float(back @ v) > 0.9999
+
+
+def test_a_batch_lookup_answers_each_query_as_a_single_lookup_would(monkeypatch):
+    import shared.semantic
+
+    monkeypatch.setattr(shared.semantic, "SCORES_MAX", 7)  # several chunks of queries
+    rng = np.random.default_rng(3)
+    index = SemanticIndex(redis=None)
+    entries = rng.standard_normal((20, 8)).astype(np.float32)
+    entries /= np.linalg.norm(entries, axis=1, keepdims=True)
+    sigs = [f"{i % 3:016x}" for i in range(20)]
+    for i, vector in enumerate(entries):
+        index.add("c:t", vector, result(str(i)), time.time() + (60 if i != 5 else -1), max_entries=50, signature=sigs[i])
+    queries = entries + 0.05 * rng.standard_normal(entries.shape).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    query_sigs = [sigs[i] if i % 4 else f"{7:016x}" for i in range(20)]
+    many = index.lookup_many("c:t", queries, 0.9, query_sigs)
+    single = [index.lookup("c:t", q, 0.9, s) for q, s in zip(queries, query_sigs)]
+    assert [m and m[0].output for m in many] == [s and s[0].output for s in single]
+    assert many[1][0].output == "1" and many[0] is None and many[5] is None  # wrong signature; expired
