@@ -110,7 +110,13 @@ class SemanticIndex:
         if ring is None:
             return [None] * len(vectors)
         wanted = np.array([_as_int(s) for s in signatures], dtype=np.uint64)
-        now, out = time.time(), []
+        with _one_blas_thread():
+            return self._lookup_chunks(ring, vectors, threshold, wanted, time.time())
+
+    @staticmethod
+    def _lookup_chunks(ring: _Ring, vectors: np.ndarray, threshold: float, wanted: np.ndarray,
+                       now: float) -> list[tuple[InferenceResult, float] | None]:
+        out = []
         # Queries in chunks, so the scores matrix (entries × queries) stays within SCORES_MAX values.
         step = max(1, SCORES_MAX // max(1, min(ring.count, ring.capacity)))
         for start in range(0, len(vectors), step):
@@ -159,6 +165,21 @@ class SemanticIndex:
                         log.warning("semantic cache: skipped a bad entry %s: %r", entry_id, exc)
             if block_ms is not None:
                 return
+
+
+_BLAS = None
+
+
+def _one_blas_thread():
+    """numpy's BLAS on one thread for lookups: its threads spin for a while after each product,
+    which cost the router more CPU than the products themselves between small batches (and the
+    cores are the broker's and the workers' too)."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController().select(internal_api="openblas")
+    return _BLAS.limit(limits=1)
 
 
 def _as_int(signature: str) -> int:
