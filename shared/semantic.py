@@ -155,14 +155,17 @@ class SemanticIndex:
             reply = await self._redis.xread({self._stream: self._last_id}, count=1000, block=block_ms)
             if not reply:
                 return
+            skipped = []
             for _, entries in reply:
                 for entry_id, fields in entries:
                     self._last_id = entry_id
                     try:
                         self.add(fields[b"ns"].decode(), unpack(fields[b"emb"]), fields[b"result"],
                                  float(fields[b"exp"]), int(fields[b"max"]), fields[b"sig"].decode())
-                    except (KeyError, ValueError) as exc:
-                        log.warning("semantic cache: skipped a bad entry %s: %r", entry_id, exc)
+                    except (KeyError, ValueError) as exc:  # bad, or written before entries had signatures
+                        skipped.append((entry_id, exc))
+            if skipped:
+                log.warning("semantic cache: skipped %d bad entries (first %s: %r)", len(skipped), *skipped[0])
             if block_ms is not None:
                 return
 
