@@ -172,7 +172,7 @@ async def test_a_static_embedder_cache_serves_paraphrases_and_its_guard_refuses_
     # To the static embedder these two are the same bag of words (cosine 1.0, over the route's 0.9);
     # the guard signature (USD before EUR) tells them apart.
     there, back = "Convert 100 USD to EUR", "Convert 100 EUR to USD"
-    assert float(static_embedder.embed([there]) @ static_embedder.embed([back]).T) > 0.9
+    assert float(static_embedder.embed([there])[0] @ static_embedder.embed([back])[0]) > 0.9
     assert (await client.complete(tenant=me, route="fast-cached", prompt=there, max_tokens=8)).cache_hit == CacheHit.none
     await indexed(2)
     assert (await client.complete(tenant=me, route="fast-cached", prompt=back, max_tokens=8)).cache_hit == CacheHit.none
