@@ -95,10 +95,6 @@ def tiers_of(policy: RoutePolicy, policies: PolicySet) -> frozenset[int]:
     return tiers if tiers is not None else frozenset(policies.tier_rank(m) for m in policy.models)
 
 
-def hop(model: str, policies: PolicySet) -> Hop:
-    return facts(policies).hops[model]
-
-
 def decide(request: InferenceRequest, policies: PolicySet, *, tokens_in: int | None = None, hard: bool = False,
            reasons: Collection[str] = (), unhealthy: Collection[str] | Mapping[str, str] = ()) -> RoutedRequest:
     """The routed request, or an InputError saying why no model may serve it. `hard`: the

@@ -64,8 +64,11 @@ class Router:
         self._max_batch = max_batch
         self._classifier = classifier or Classifier(None)
         self._embedder = embedder if embedder is not None else self._classifier.embedder
-        # Semantic caches embed with the embedder their route names; without the static one, MiniLM.
-        self._cache_embedders = {"minilm": self._embedder, "static": static_embedder or self._embedder}
+        # Semantic caches embed with the embedder their route names (without the static one, MiniLM),
+        # each in namespaces of its own: (name, embedder) by the policy's name.
+        self._cache_embedders = {"minilm": ("minilm", self._embedder),
+                                 "static": ("static", static_embedder) if static_embedder is not None
+                                 else ("minilm", self._embedder)}
         self._memory = memory
         self._semantic = semantic if self._embedder is not None else None
         if semantic is not None and self._embedder is None:
@@ -262,7 +265,9 @@ class Router:
             if p.verdict is not None and p.verdict.label is None and self._classifier.model is not None:
                 want(self._embedder, p.asked)
             if self._semantic is not None and p.policy.cache.semantic:
-                p.cache_embedder = self._cache_embedders[p.policy.cache.semantic_embedder]
+                kind, p.cache_embedder = self._cache_embedders[p.policy.cache.semantic_embedder]
+                # The tenant's (or shared) namespace of the route, per embedder: vectors of two embedders never meet.
+                p.semantic_namespace = f"{cache_namespace(p.request, p.policy)}:{kind}"
                 want(p.cache_embedder, p.text)
         vectors = {}
         for embedder, rows in texts.items():
@@ -284,11 +289,6 @@ class Router:
             for p, verdict in zip(undecided, self._classifier.classify(
                     [(p.request, p.asked, asked_tokens(p.request)) for p in undecided], asked)):
                 p.verdict = verdict
-
-    def _semantic_namespace(self, p: _Pending) -> str:
-        """The tenant's (or shared) namespace of the route, per embedder: vectors of two embedders never meet."""
-        kind = "static" if p.cache_embedder is not self._embedder else "minilm"
-        return f"{cache_namespace(p.request, p.policy)}:{kind}"
 
     async def _remembered(self, allowed: list[_Pending], answers: list[_Answer], outcomes: Outcomes) -> list[_Pending]:
         """Answer what the exact cache, the semantic cache or an earlier identical request can answer;
@@ -341,7 +341,7 @@ class Router:
         """The semantic cache's answer for each candidate (by id), one lookup per namespace and threshold."""
         groups: dict[tuple[str, float], list[_Pending]] = {}
         for p in candidates:
-            groups.setdefault((self._semantic_namespace(p), p.policy.cache.semantic_threshold), []).append(p)
+            groups.setdefault((p.semantic_namespace, p.policy.cache.semantic_threshold), []).append(p)
         found = {}
         for (namespace, threshold), group in groups.items():
             answers = self._semantic.lookup_many(namespace, np.stack([p.vector for p in group]), threshold,
@@ -364,7 +364,7 @@ class Router:
             window_s=max(1, p.policy.idempotency_window_s),
             exact_key=p.exact_key,
             cache_ttl_s=cache.ttl_s,
-            semantic_namespace=self._semantic_namespace(p) if semantic else None,
+            semantic_namespace=p.semantic_namespace if semantic else None,
             semantic_max_entries=cache.max_entries,
             embedding=pack(p.vector) if semantic else None,
             semantic_signature=p.signature if semantic else None,
@@ -423,6 +423,7 @@ class _Pending:
     verdict: Verdict | None = None
     vector: np.ndarray | None = None
     cache_embedder: object | None = None
+    semantic_namespace: str | None = None
     signature: str | None = None
     routed: RoutedRequest | None = None
     exact_key: str | None = None
