@@ -36,33 +36,43 @@ INFLIGHT = b"inflight:"
 # A claim whose worker never completes (its request was lost) stops blocking re-runs after this.
 MAX_INFLIGHT_S = 300
 
-# Claims a batch in one call, in order. ARGV[1] is a JSON array with, for request i, [its key, its
-# id, the claim's TTL in ms]; ARGV[i + 1] is its JSON (queued as a waiter if the first is in flight).
-# One packed argument instead of five per request: redis-py packs each argument in Python, which
-# cost the router more than the script. The keys travel in ARGV, so this needs one Redis, not a
-# cluster. Returns, flat, (i, state, value) for each request that is not claimed: 'waiting' with
-# the first one's id, or 'done' with its result.
-_CLAIM = """
-local out = {}
-local asks = cjson.decode(ARGV[1])
-for i = 1, #asks do
-  local key, id, ttl = asks[i][1], asks[i][2], asks[i][3]
-  local waiters, payload = key .. ':waiters', ARGV[i + 1]
+# Claims one request, as a Lua function the router's gate script shares (services/router/gate.py):
+# `ask` is [its key, its id, the claim's TTL in ms], `payload` its JSON (queued as a waiter if the
+# first is in flight). Returns 'claimed' (run it; also for its own claim, on a redelivery), 'waiting'
+# with the first one's id, or 'done' with its result.
+CLAIM_LUA = """
+local function claim(ask, payload)
+  local key, id, ttl = ask[1], ask[2], ask[3]
   local v = redis.call('GET', key)
   if not v then
     redis.call('SET', key, 'inflight:' .. id, 'PX', ttl)
   elseif string.sub(v, 1, 9) == 'inflight:' then
     if string.sub(v, 10) ~= id then
+      local waiters = key .. ':waiters'
       redis.call('RPUSH', waiters, payload)
       redis.call('PEXPIRE', waiters, ttl)
-      out[#out + 1] = i
-      out[#out + 1] = 'waiting'
-      out[#out + 1] = string.sub(v, 10)
+      return 'waiting', string.sub(v, 10)
     end
   else
+    return 'done', v
+  end
+  return 'claimed', ''
+end
+"""
+
+# Claims a batch in one call, in order. ARGV[1] is a JSON array of asks; ARGV[i + 1] is request i's
+# JSON. One packed argument instead of five per request: redis-py packs each argument in Python,
+# which cost the router more than the script. The keys travel in ARGV, so this needs one Redis, not
+# a cluster. Returns, flat, (i, state, value) for each request that is not claimed.
+_CLAIM = CLAIM_LUA + """
+local out = {}
+local asks = cjson.decode(ARGV[1])
+for i = 1, #asks do
+  local state, value = claim(asks[i], ARGV[i + 1])
+  if state ~= 'claimed' then
     out[#out + 1] = i
-    out[#out + 1] = 'done'
-    out[#out + 1] = v
+    out[#out + 1] = state
+    out[#out + 1] = value
   end
 end
 return out
@@ -129,10 +139,25 @@ class Claim:
     first: InferenceResult | None = None
     first_id: str | None = None
 
+    @classmethod
+    def parse(cls, state: bytes, value: bytes) -> Claim:
+        """A claim from what CLAIM_LUA returned."""
+        if state == b"done":
+            return cls("done", first=InferenceResult.model_validate_json(value))
+        if state == b"waiting":
+            return cls("waiting", first_id=value.decode())
+        return cls("claimed")
+
+
+def claim_ask(request: InferenceRequest, window_s: int) -> tuple[list, str]:
+    """CLAIM_LUA's ask for a request, and its payload."""
+    return ([idempotency_key(request), request.id, str(1000 * min(window_s, MAX_INFLIGHT_S))],
+            request.model_dump_json())
+
 
 class Memory:
     def __init__(self, redis: Redis):
-        self._redis = redis
+        self.redis = redis
         self._claim = redis.register_script(_CLAIM)
         self._complete = redis.register_script(_COMPLETE)
         self.degraded = False
@@ -144,30 +169,27 @@ class Memory:
             return []
         asks, payloads = [], []
         for request, window_s in requests:
-            asks.append((idempotency_key(request), request.id, str(1000 * min(window_s, MAX_INFLIGHT_S))))
-            payloads.append(request.model_dump_json())
+            ask, payload = claim_ask(request, window_s)
+            asks.append(ask)
+            payloads.append(payload)
         try:
             replies = await self._claim(args=[orjson.dumps(asks), *payloads])
         except RedisError as exc:
-            self._degrade(exc)
+            self.unavailable(exc)
             return [Claim("claimed")] * len(requests)
         self.degraded = False
         claims = [Claim("claimed")] * len(requests)
         for k in range(0, len(replies), 3):
-            i, state, value = int(replies[k]) - 1, replies[k + 1].decode(), replies[k + 2]
-            if state == "done":
-                claims[i] = Claim("done", first=InferenceResult.model_validate_json(value))
-            else:
-                claims[i] = Claim("waiting", first_id=value.decode())
+            claims[int(replies[k]) - 1] = Claim.parse(replies[k + 1], replies[k + 2])
         return claims
 
     async def exact(self, keys: list[str]) -> list[InferenceResult | None]:
         if not keys:
             return []
         try:
-            values = await self._redis.mget(keys)
+            values = await self.redis.mget(keys)
         except RedisError as exc:
-            self._degrade(exc)
+            self.unavailable(exc)
             return [None] * len(keys)
         return [None if v is None else InferenceResult.model_validate_json(v) for v in values]
 
@@ -185,7 +207,7 @@ class Memory:
                 waiters = await self._complete(keys=[memo.idempotency_key, memo.idempotency_key + ":waiters"],
                                                args=[routed.request.id, value, 1000 * memo.window_s])
             if memo.exact_key is not None and value:
-                await self._redis.set(memo.exact_key, value, ex=memo.cache_ttl_s)
+                await self.redis.set(memo.exact_key, value, ex=memo.cache_ttl_s)
         except RedisError as exc:
             log.warning("could not record the result of %s in Redis: %s", routed.request.id, exc)
             return []
@@ -195,11 +217,11 @@ class Memory:
         """The first `count` waiters of the routed request have their answers: forget them."""
         if count and routed.memo is not None and routed.memo.idempotency_key is not None:
             try:
-                await self._redis.ltrim(routed.memo.idempotency_key + ":waiters", count, -1)
+                await self.redis.ltrim(routed.memo.idempotency_key + ":waiters", count, -1)
             except RedisError as exc:
                 log.warning("could not clear the answered waiters of %s: %s", routed.request.id, exc)
 
-    def _degrade(self, exc: Exception) -> None:
+    def unavailable(self, exc: Exception) -> None:
         if not self.degraded:
             log.warning("Redis unavailable: no idempotency or exact cache until it is back: %s", exc)
         self.degraded = True

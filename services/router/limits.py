@@ -23,31 +23,41 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "switchyard:limit:"
 WINDOW_S = 60
 
+# One ask, as a Lua function the router's gate script shares (services/router/gate.py): `ask` is
+# [its requests counter key, its tokens counter key, max requests, max tokens (-1: no limit), its
+# tokens (a string: INCRBY takes it as written)]. Returns 0 and counts it if it fits, else 1 when over
+# the request limit, 2 when over the token limit.
+ADMIT_LUA = """
+local function admit(ttl, ask)
+  local requests_key, tokens_key = ask[1], ask[2]
+  local max_requests, max_tokens, n = ask[3], ask[4], tonumber(ask[5])
+  local requests = tonumber(redis.call('GET', requests_key) or '0')
+  local tokens = tonumber(redis.call('GET', tokens_key) or '0')
+  if max_requests >= 0 and requests + 1 > max_requests then
+    return 1
+  elseif max_tokens >= 0 and tokens + n > max_tokens then
+    return 2
+  end
+  redis.call('INCR', requests_key)
+  redis.call('EXPIRE', requests_key, ttl)
+  redis.call('INCRBY', tokens_key, ask[5])
+  redis.call('EXPIRE', tokens_key, ttl)
+  return 0
+end
+"""
+
 # Admits a batch in one call, in order, each ask seeing the counts of those before it. ARGV[1] is
-# the counters' TTL, ARGV[2] a JSON array with, for ask i, [its requests counter key, its tokens
-# counter key, max requests, max tokens, its tokens (a string: INCRBY takes it as written)].
-# (Packed, as in shared.memory: one Redis.) Returns, flat, (i, why) for each ask refused: 1 over the
-# request limit, 2 over the token limit.
-_ADMIT = """
+# the counters' TTL, ARGV[2] a JSON array of asks. (Packed, as in shared.memory: one Redis.) Returns,
+# flat, (i, why) for each ask refused.
+_ADMIT = ADMIT_LUA + """
 local ttl = ARGV[1]
 local asks = cjson.decode(ARGV[2])
 local out = {}
 for i = 1, #asks do
-  local requests_key, tokens_key = asks[i][1], asks[i][2]
-  local max_requests, max_tokens, n = asks[i][3], asks[i][4], tonumber(asks[i][5])
-  local requests = tonumber(redis.call('GET', requests_key) or '0')
-  local tokens = tonumber(redis.call('GET', tokens_key) or '0')
-  if max_requests >= 0 and requests + 1 > max_requests then
+  local why = admit(ttl, asks[i])
+  if why > 0 then
     out[#out + 1] = i
-    out[#out + 1] = 1
-  elseif max_tokens >= 0 and tokens + n > max_tokens then
-    out[#out + 1] = i
-    out[#out + 1] = 2
-  else
-    redis.call('INCR', requests_key)
-    redis.call('EXPIRE', requests_key, ttl)
-    redis.call('INCRBY', tokens_key, asks[i][5])
-    redis.call('EXPIRE', tokens_key, ttl)
+    out[#out + 1] = why
   end
 end
 return out
@@ -63,46 +73,69 @@ class Refusal:
 
 class TenantLimiter:
     def __init__(self, redis: Redis):
-        self._redis = redis
+        self.redis = redis
         self._admit = redis.register_script(_ADMIT)
         self.degraded = False
 
     async def check(self, asks: list[tuple[str, int, TenantLimits]]) -> list[Refusal | None]:
         """For each (tenant, tokens, limits): None if admitted (and counted), else why not."""
-        now = time.time()
-        window = int(now // WINDOW_S)
-        retry_after_ms = int((WINDOW_S - now % WINDOW_S) * 1000)
+        window = Window.now()
         verdicts: list[Refusal | None] = [None] * len(asks)
-        limited = [(i, ask) for i, ask in enumerate(asks)
-                   if ask[2].requests_per_minute is not None or ask[2].tokens_per_minute is not None]
+        limited = [(i, packed) for i, ask in enumerate(asks) if (packed := window.ask(*ask)) is not None]
         if not limited:
             return verdicts
-        packed = []
-        for _, (tenant, tokens, limits) in limited:
-            base = f"{KEY_PREFIX}{tenant}:{window}"
-            packed.append((f"{base}:requests", f"{base}:tokens", _or_unlimited(limits.requests_per_minute),
-                           _or_unlimited(limits.tokens_per_minute), str(tokens)))
         try:
-            answers = await self._admit(args=[WINDOW_S * 2, orjson.dumps(packed)])
+            answers = await self._admit(args=[TTL_S, orjson.dumps([packed for _, packed in limited])])
         except RedisError as exc:
-            if not self.degraded:
-                log.warning("Redis unavailable, admitting every request without tenant limits: %s", exc)
-            self.degraded = True
+            self.unavailable(exc)
             return verdicts
         self.degraded = False
         for k in range(0, len(answers), 2):
-            (i, (tenant, tokens, limits)), answer = limited[int(answers[k]) - 1], int(answers[k + 1])
-            if answer == 1:
-                verdicts[i] = Refusal(f"tenant {tenant!r} is over its {limits.requests_per_minute} requests "
-                                      "per minute", retry_after_ms)
-            elif answer == 2:
-                if tokens > limits.tokens_per_minute:
-                    verdicts[i] = Refusal(f"this request needs about {tokens} tokens; tenant {tenant!r} may use "
-                                          f"{limits.tokens_per_minute} a minute", 0, retriable=False)
-                else:
-                    verdicts[i] = Refusal(f"tenant {tenant!r} is over its {limits.tokens_per_minute} tokens per "
-                                          "minute", retry_after_ms)
+            i = limited[int(answers[k]) - 1][0]
+            verdicts[i] = window.refusal(int(answers[k + 1]), *asks[i])
         return verdicts
+
+    def unavailable(self, exc: Exception) -> None:
+        if not self.degraded:
+            log.warning("Redis unavailable, admitting every request without tenant limits: %s", exc)
+        self.degraded = True
+
+
+TTL_S = WINDOW_S * 2  # the counters outlive their window by one more
+
+
+@dataclass(frozen=True)
+class Window:
+    """The current one-minute window: the keys of its counters and how long until the next."""
+
+    index: int
+    retry_after_ms: int
+
+    @classmethod
+    def now(cls) -> Window:
+        now = time.time()
+        return cls(int(now // WINDOW_S), int((WINDOW_S - now % WINDOW_S) * 1000))
+
+    def ask(self, tenant: str, tokens: int, limits: TenantLimits) -> list | None:
+        """The ask ADMIT_LUA takes for this tenant, or None if it has no limits to check."""
+        if limits.requests_per_minute is None and limits.tokens_per_minute is None:
+            return None
+        base = f"{KEY_PREFIX}{tenant}:{self.index}"
+        return [f"{base}:requests", f"{base}:tokens", _or_unlimited(limits.requests_per_minute),
+                _or_unlimited(limits.tokens_per_minute), str(tokens)]
+
+    def refusal(self, why: int, tenant: str, tokens: int, limits: TenantLimits) -> Refusal | None:
+        """What to tell the sender of an ask ADMIT_LUA answered `why`; None if it was admitted."""
+        if why == 1:
+            return Refusal(f"tenant {tenant!r} is over its {limits.requests_per_minute} requests per minute",
+                           self.retry_after_ms)
+        if why == 2:
+            if tokens > limits.tokens_per_minute:
+                return Refusal(f"this request needs about {tokens} tokens; tenant {tenant!r} may use "
+                               f"{limits.tokens_per_minute} a minute", 0, retriable=False)
+            return Refusal(f"tenant {tenant!r} is over its {limits.tokens_per_minute} tokens per minute",
+                           self.retry_after_ms)
+        return None
 
 
 def _or_unlimited(limit: int | None) -> int:

@@ -41,14 +41,14 @@ def content_digest(value: bytes) -> str:
 
 class ForwardedLog:
     def __init__(self, redis: Redis, window_s: int = 24 * 3600):
-        self._redis = redis
+        self.redis = redis
         self._window_s = window_s
         self._record = redis.register_script(_RECORD)
         self._lookup = redis.register_script(_LOOKUP)
         self.degraded = False
 
     @staticmethod
-    def _key(tenant: str, request_id: str) -> str:
+    def key(tenant: str, request_id: str) -> str:
         return f"{KEY_PREFIX}{tenant}:{request_id}"
 
     async def lookup(self, keys: list[tuple[str, str]]) -> list[str | None]:
@@ -56,9 +56,9 @@ class ForwardedLog:
         if not keys:
             return []
         try:
-            values = await self._lookup(args=[orjson.dumps([self._key(t, i) for t, i in keys])])
+            values = await self._lookup(args=[orjson.dumps([self.key(t, i) for t, i in keys])])
         except RedisError as exc:
-            self._degrade(exc)
+            self.unavailable(exc)
             return [None] * len(keys)
         self.degraded = False
         return [v.decode() if isinstance(v, bytes) else v for v in values]
@@ -69,11 +69,11 @@ class ForwardedLog:
             return
         try:
             await self._record(args=[self._window_s, orjson.dumps(
-                [(self._key(tenant, request_id), digest) for tenant, request_id, digest in entries])])
+                [(self.key(tenant, request_id), digest) for tenant, request_id, digest in entries])])
         except RedisError as exc:
-            self._degrade(exc)
+            self.unavailable(exc)
 
-    def _degrade(self, exc: Exception) -> None:
+    def unavailable(self, exc: Exception) -> None:
         # Routing goes on without Redis: a redelivery may then run twice, which is better
         # than not answering at all.
         if not self.degraded:

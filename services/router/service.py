@@ -27,6 +27,7 @@ from services.router.affinity import Affinity
 from services.router.decide import admit, decide, estimate_tokens, tiers_of
 from services.router.embed import asked_text, asked_tokens, conversation_text
 from services.router.feed import PolicyFeed
+from services.router.gate import Ask, Gate
 from services.router.health import HealthBoard
 from services.router.limits import TenantLimiter
 from services.router.priority import Lanes
@@ -35,7 +36,7 @@ from shared import kafka
 from shared import metrics as shared_metrics
 from shared.codec import decode, encode
 from shared.errors import InputError, UndecodableMessage
-from shared.memory import Memory, cache_namespace, content_hash, exact_key, idempotency_key, replay
+from shared.memory import Claim, Memory, cache_namespace, content_hash, exact_key, idempotency_key, replay
 from shared.outcomes import Outcomes, cost_record, error_result
 from shared.semantic import SemanticIndex, pack
 from shared.semantic_guard import signature
@@ -56,6 +57,7 @@ class Router:
                  health: HealthBoard | None = None, static_embedder=None):
         self._bootstrap = bootstrap
         self._limiter = limiter
+        self._gate = Gate(forwarded, limiter, memory)
         self._feed = feed
         self._topics = topics
         self.policies = policies
@@ -159,69 +161,44 @@ class Router:
                 raw = None if isinstance(exc, _TooLarge) else _loads_or_none(record.value)
                 best_effort += await outcomes.reply_error_to_sender(raw, exc.code, str(exc))
 
-        known = await self._forwarded.lookup([(r.tenant, r.id) for _, r, _ in decoded])
-        pending: list[_Pending] = []
+        # What the router can tell of each request by itself: whether it is expired or invalid, how
+        # hard it is, where it goes. A redelivery is only known after the gate's call below; its
+        # decision is then dropped (the work is wasted only after a crash).
+        candidates: list[_Pending] = []
         seen_in_batch: dict[tuple[str, str], str] = {}
-        for (record, request, digest), earlier in zip(decoded, known):
-            earlier = earlier or seen_in_batch.get((request.tenant, request.id))
+        for record, request, digest in decoded:
+            earlier = seen_in_batch.get((request.tenant, request.id))
             if earlier == digest:
                 self.counts["redelivered"] += 1
                 continue
-            entry = (request.tenant, request.id, digest)
             if earlier is not None:
-                # Answered, never booked: a cost record would carry the first request's identity.
-                self._count(request.route, "rejected")
-                result = error_result(request, Status.rejected, "duplicate_request_id",
-                                      f"request id {request.id!r} was already used for a different request")
-                answers.append(_Answer(record, None, [await outcomes.reply(request, result)]))
+                answers.append(_Answer(record, None, [await self._duplicate_id(outcomes, request)]))
                 continue
             seen_in_batch[(request.tenant, request.id)] = digest
+            p = _Pending(record, request, (request.tenant, request.id, digest), 0, None)
+            candidates.append(p)
             if request.deadline_unix_ms is not None and now_ms() > request.deadline_unix_ms:
-                self._count(request.route, "expired")
-                answers.append(_Answer(record, entry, await outcomes.reject(
-                    request, Status.expired, "deadline_passed", "the request's deadline passed before it was routed")))
+                p.final = (Status.expired, "deadline_passed", "the request's deadline passed before it was routed")
                 continue
-            tokens_in = estimate_tokens(request)
+            p.tokens_in = estimate_tokens(request)
             try:
-                policy = admit(request, self.policies, tokens_in)
+                p.policy = admit(request, self.policies, p.tokens_in)
             except InputError as exc:
-                self._count(request.route, "rejected")
-                answers.append(_Answer(record, entry, await outcomes.reject(request, Status.rejected, exc.code, str(exc))))
-                continue
-            pending.append(_Pending(record, request, entry, tokens_in, policy))
-
-        await self._judge(pending)
+                p.final = (Status.rejected, exc.code, str(exc))
+        judging = [p for p in candidates if p.final is None]
+        await self._judge(judging)
         unhealthy = self.health.unhealthy(self.policies) if self.health is not None else {}
-        admitted: list[_Pending] = []
-        for p in pending:
+        for p in judging:
             try:
                 p.routed = decide(p.request, self.policies, tokens_in=p.tokens_in,
                                   hard=p.verdict is not None and p.verdict.label == HARD,
                                   reasons=[p.verdict.reason] if p.verdict is not None else [],
                                   unhealthy=unhealthy)
-                admitted.append(p)
             except InputError as exc:
-                self._count(p.request.route, "rejected")
-                answers.append(_Answer(p.record, p.entry, await outcomes.reject(
-                    p.request, Status.rejected, exc.code, str(exc))))
+                p.final = (Status.rejected, exc.code, str(exc))
 
-        verdicts = await self._limiter.check([
-            (p.request.tenant, p.tokens_in + p.routed.request.sampling.max_tokens,
-             self.policies.limits_for(p.request.tenant))
-            for p in admitted
-        ])
-        allowed: list[_Pending] = []
-        for p, refusal in zip(admitted, verdicts):
-            if refusal is not None:
-                # Not recorded as answered: the sender is told to retry, maybe with the same id.
-                self._count(p.request.route, "rate_limited")
-                answers.append(_Answer(p.record, None, await outcomes.reject(
-                    p.request, Status.rejected, "rate_limited", refusal.message, retriable=refusal.retriable,
-                    retry_after_ms=refusal.retry_after_ms)))
-            else:
-                allowed.append(p)
-
-        for p in await self._remembered(allowed, answers, outcomes):
+        forward = await self._through_gate(candidates, answers, outcomes)
+        for p in forward:
             request, routed = p.request, p.routed
             self._count(request.route, "routed")
             metrics.decisions(self._label(request.route), routed.tier or "", routed.model,
@@ -244,6 +221,13 @@ class Router:
             answers.append(_Answer(p.record, p.entry, [sent]))
 
         return await self._settle(answers, best_effort, outcomes)
+
+    async def _duplicate_id(self, outcomes: Outcomes, request: InferenceRequest) -> asyncio.Future:
+        # Answered, never booked: a cost record would carry the first request's identity.
+        self._count(request.route, "rejected")
+        result = error_result(request, Status.rejected, "duplicate_request_id",
+                              f"request id {request.id!r} was already used for a different request")
+        return await outcomes.reply(request, result)
 
     async def _judge(self, pending: list[_Pending]) -> None:
         """Set each request's verdict (how hard it is) and, for a semantic cache, its conversation's
@@ -290,52 +274,96 @@ class Router:
                     [(p.request, p.asked, asked_tokens(p.request)) for p in undecided], asked)):
                 p.verdict = verdict
 
-    async def _remembered(self, allowed: list[_Pending], answers: list[_Answer], outcomes: Outcomes) -> list[_Pending]:
-        """Answer what the exact cache, the semantic cache or an earlier identical request can answer;
-        claim the rest (so later repeats wait for them) and return it, to be forwarded."""
-        if self._memory is None:
-            return allowed
+    async def _through_gate(self, candidates: list[_Pending], answers: list[_Answer],
+                            outcomes: Outcomes) -> list[_Pending]:
+        """Pass the batch through the gate (one Redis call: redelivery check, tenant limits, exact
+        cache, claim), answer what it or the semantic cache answers, and return what to forward."""
+        asks = []
+        for p in candidates:
+            if p.final is not None:
+                asks.append(Ask(p.request, p.entry[2], go_on=False))
+                continue
+            if self._memory is not None and p.policy.cache.exact:
+                p.exact_key = exact_key(cache_namespace(p.request, p.policy), content_hash(p.request))
+            # A route with a semantic cache asks it first, and claims after a miss.
+            claims = (self._memory is not None and p.policy.idempotency_window_s > 0
+                      and not (p.vector is not None and p.policy.cache.semantic))
+            asks.append(Ask(p.request, p.entry[2], tokens=p.tokens_in + p.routed.request.sampling.max_tokens,
+                            limits=self.policies.limits_for(p.request.tenant), exact_key=p.exact_key,
+                            claim_window_s=p.policy.idempotency_window_s if claims else None))
+        passages = await self._gate.check(asks)
+
+        forward, semantic = [], []
+        for p, passage in zip(candidates, passages):
+            request, state = p.request, passage.state
+            if state == "redelivered":
+                self.counts["redelivered"] += 1
+            elif state == "conflict":
+                answers.append(_Answer(p.record, None, [await self._duplicate_id(outcomes, request)]))
+            elif state == "final":
+                status, code, message = p.final
+                self._count(request.route, status.value)
+                answers.append(_Answer(p.record, p.entry, await outcomes.reject(request, status, code, message)))
+            elif state == "limited":
+                # Not recorded as answered: the sender is told to retry, maybe with the same id.
+                refusal = passage.refusal
+                self._count(request.route, "rate_limited")
+                answers.append(_Answer(p.record, None, await outcomes.reject(
+                    request, Status.rejected, "rate_limited", refusal.message, retriable=refusal.retriable,
+                    retry_after_ms=refusal.retry_after_ms)))
+            else:
+                if p.exact_key is not None:
+                    metrics.cache(self._label(request.route), "exact", "hit" if state == "exact" else "miss").inc()
+                if state == "exact":
+                    self._count(request.route, "cache_exact")
+                    answers.append(_Answer(p.record, p.entry, await self._answer(
+                        outcomes, request, passage.hit, CacheHit.exact)))
+                elif state == "open" and p.vector is not None and p.policy.cache.semantic:
+                    semantic.append(p)
+                else:
+                    await self._claimed(p, passage.claim, answers, outcomes, forward)
+        if semantic:
+            await self._semantic_answers(semantic, answers, outcomes, forward)
+        return forward
+
+    async def _semantic_answers(self, pending: list[_Pending], answers: list[_Answer], outcomes: Outcomes,
+                        forward: list[_Pending]) -> None:
+        """Answer what the semantic cache can; claim the rest (so later repeats wait for them)."""
+        similar = self._semantic_lookups(pending)
         rest = []
-        exact = [p for p in allowed if p.policy.cache.exact]
-        for p in exact:
-            p.exact_key = exact_key(cache_namespace(p.request, p.policy), content_hash(p.request))
-        hits = dict(zip(map(id, exact), await self._memory.exact([p.exact_key for p in exact])))
-        similar = self._semantic_lookups([p for p in allowed if p.vector is not None and hits.get(id(p)) is None])
-        for p in allowed:
-            hit, kind = hits.get(id(p)), CacheHit.exact
-            if p.policy.cache.exact:
-                metrics.cache(self._label(p.request.route), "exact", "hit" if hit else "miss").inc()
-            if hit is None and p.vector is not None and p.policy.cache.semantic:
-                found = similar[id(p)]
-                metrics.cache(self._label(p.request.route), "semantic", "hit" if found else "miss").inc()
-                if found is not None:
-                    hit, kind = found[0], CacheHit.semantic
-            if hit is not None:
-                self._count(p.request.route, f"cache_{kind.value}")
-                answers.append(_Answer(p.record, p.entry, await self._answer(outcomes, p.request, hit, kind)))
+        for p in pending:
+            found = similar[id(p)]
+            metrics.cache(self._label(p.request.route), "semantic", "hit" if found else "miss").inc()
+            if found is not None:
+                self._count(p.request.route, "cache_semantic")
+                answers.append(_Answer(p.record, p.entry, await self._answer(
+                    outcomes, p.request, found[0], CacheHit.semantic)))
             else:
                 rest.append(p)
-
-        claimable = [p for p in rest if p.policy.idempotency_window_s > 0]
-        claims = await self._memory.claim([(p.request, p.policy.idempotency_window_s) for p in claimable])
+        claimable = [p for p in rest if p.policy.idempotency_window_s > 0] if self._memory is not None else []
+        claims = await self._memory.claim([(p.request, p.policy.idempotency_window_s) for p in claimable]) \
+            if claimable else []
         claimed = {id(p): c for p, c in zip(claimable, claims)}
-        forward = []
         for p in rest:
-            claim = claimed.get(id(p))
-            if claim is not None and claim.state == "done":
-                self._count(p.request.route, "repeat_answered")
-                metrics.cache(self._label(p.request.route), "idempotency", "hit").inc()
-                answers.append(_Answer(p.record, p.entry, await self._answer(
-                    outcomes, p.request, claim.first, CacheHit.idempotent)))
-            elif claim is not None and claim.state == "waiting":
-                # The worker running the first one answers this one too when it finishes.
-                self._count(p.request.route, "repeat_waiting")
-                metrics.cache(self._label(p.request.route), "idempotency", "wait").inc()
-                answers.append(_Answer(p.record, p.entry, []))
-            else:
-                p.routed = p.routed.model_copy(update={"memo": self._memo(p, claim is not None)})
-                forward.append(p)
-        return forward
+            await self._claimed(p, claimed.get(id(p)), answers, outcomes, forward)
+
+    async def _claimed(self, p: _Pending, claim: Claim | None, answers: list[_Answer], outcomes: Outcomes,
+                       forward: list[_Pending]) -> None:
+        """Act on a request's idempotency claim (None: not claimed): answer it from the first request's
+        result, leave it waiting for that result, or forward it."""
+        if claim is not None and claim.state == "done":
+            self._count(p.request.route, "repeat_answered")
+            metrics.cache(self._label(p.request.route), "idempotency", "hit").inc()
+            answers.append(_Answer(p.record, p.entry, await self._answer(
+                outcomes, p.request, claim.first, CacheHit.idempotent)))
+        elif claim is not None and claim.state == "waiting":
+            # The worker running the first one answers this one too when it finishes.
+            self._count(p.request.route, "repeat_waiting")
+            metrics.cache(self._label(p.request.route), "idempotency", "wait").inc()
+            answers.append(_Answer(p.record, p.entry, []))
+        else:
+            p.routed = p.routed.model_copy(update={"memo": self._memo(p, claim is not None)})
+            forward.append(p)
 
     def _semantic_lookups(self, candidates: list[_Pending]) -> dict[int, tuple | None]:
         """The semantic cache's answer for each candidate (by id), one lookup per namespace and threshold."""
@@ -417,7 +445,7 @@ class _Pending:
     request: InferenceRequest
     entry: tuple[str, str, str]
     tokens_in: int
-    policy: RoutePolicy
+    policy: RoutePolicy | None
     text: str = ""
     asked: str = ""
     verdict: Verdict | None = None
@@ -427,6 +455,7 @@ class _Pending:
     signature: str | None = None
     routed: RoutedRequest | None = None
     exact_key: str | None = None
+    final: tuple[Status, str, str] | None = None  # the answer the router gives it itself, if not forwarded
 
 
 class _TooLarge(UndecodableMessage):
