@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import numpy as np
 import orjson
-from aiokafka.structs import ConsumerRecord
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from schemas import CacheHit, InferenceRequest, Memo, PolicySet, Priority, RoutedRequest, RoutePolicy, Status, now_ms
 from services.router import metrics
@@ -45,6 +45,7 @@ from shared.topics import Topics
 log = logging.getLogger(__name__)
 
 RETRY_MIN_S = 0.2
+MAX_UNSETTLED = 4  # rounds whose answers may be on their way to the broker while the next is routed
 RETRY_MAX_S = 10.0
 MAX_REQUEST_BYTES = 1024 * 1024  # a request larger than this is dead-lettered unread
 
@@ -80,6 +81,9 @@ class Router:
         self._affinity = Affinity(health)
         self.lanes: Lanes | None = None
         self.counts: Counter[str] = Counter()
+        # (tenant, id) -> content digest of what this router answered or forwarded in rounds not yet
+        # settled: the forwarded log learns of them only then.
+        self._unsettled: dict[tuple[str, str], str] = {}
 
     def apply_policy(self, policies: PolicySet) -> None:
         """Swap the policy in force; the next batch is routed with it."""
@@ -119,29 +123,76 @@ class Router:
             await producer.stop()
 
     async def _consume(self, lanes: Lanes, outcomes: Outcomes, stop: asyncio.Event) -> None:
+        """Route round after round. A round's answers travel to the broker while the next rounds are
+        routed (up to MAX_UNSETTLED rounds at once), and rounds are committed in order, each once its
+        own answers and every earlier round's are acknowledged: waiting for the broker before taking
+        the next round made the rounds, and so the wait behind each request's round, larger."""
         retry_s = RETRY_MIN_S
-        while not stop.is_set():
-            rounds = await lanes.take()
-            taken = time.perf_counter()
-            records = [r for batch in rounds.values() for recs in batch.values() for r in recs]
-            if not records:
-                continue
-            if await self._route_batch(records, outcomes, taken):
-                for priority, batch in rounds.items():
-                    if batch:
-                        await kafka.commit(lanes.consumers[priority])
-                retry_s = RETRY_MIN_S
-            else:
-                # Read the round again: what did reach the broker is in the forwarded log
-                # and is skipped as a redelivery; the rest is sent again.
-                for priority, batch in rounds.items():
-                    kafka.rewind(lanes.consumers[priority], {tp: recs[0].offset for tp, recs in batch.items()})
-                await asyncio.sleep(retry_s)
-                retry_s = min(retry_s * 2, RETRY_MAX_S)
+        unsettled: deque[_Round] = deque()
+        try:
+            while not stop.is_set():
+                while unsettled and unsettled[0].settling.done():
+                    if await self._close(unsettled, lanes):
+                        retry_s = RETRY_MIN_S
+                    else:
+                        await asyncio.sleep(retry_s)
+                        retry_s = min(retry_s * 2, RETRY_MAX_S)
+                if len(unsettled) >= MAX_UNSETTLED:
+                    await asyncio.wait([unsettled[0].settling])
+                    continue
+                rounds = await lanes.take()
+                taken = time.perf_counter()
+                records = [r for batch in rounds.values() for recs in batch.values() for r in recs]
+                if not records:
+                    continue
+                answers, best_effort = await self._route(records, outcomes, taken)
+                settling = asyncio.create_task(self._settle(answers, best_effort, outcomes))
+                unsettled.append(_Round(rounds, settling, [a.entry for a in answers if a.entry is not None]))
+        finally:
+            # Stopping: what reached the broker is committed; what did not is read again by the next owner.
+            while unsettled:
+                await asyncio.gather(unsettled[0].settling, return_exceptions=True)
+                if not await self._close(unsettled, lanes):
+                    break
+
+    async def _close(self, unsettled: deque[_Round], lanes: Lanes) -> bool:
+        """Commit the oldest unsettled round once it settled; if it must be read again, wait for the
+        later rounds too and read them all again, from the oldest one's first records."""
+        done = unsettled.popleft()
+        if done.settling.result():
+            for priority, batch in done.rounds.items():
+                if batch:
+                    await kafka.commit(lanes.consumers[priority], {tp: recs[-1].offset + 1 for tp, recs in batch.items()})
+            for tenant, request_id, _ in done.entries:
+                self._unsettled.pop((tenant, request_id), None)
+            return True
+        # What did reach the broker is in the forwarded log and is skipped as a redelivery; the rest is sent again.
+        await asyncio.gather(*(r.settling for r in unsettled), return_exceptions=True)
+        first: dict[Priority, dict] = {}
+        for r in (done, *unsettled):
+            for priority, batch in r.rounds.items():
+                for tp, recs in batch.items():
+                    first.setdefault(priority, {}).setdefault(tp, recs[0].offset)
+        unsettled.clear()
+        self._unsettled.clear()
+        for priority, offsets in first.items():
+            kafka.rewind(lanes.consumers[priority], offsets)
+        return False
 
     async def _route_batch(self, records: list[ConsumerRecord], outcomes: Outcomes,
                            taken: float | None = None) -> bool:
         """Route a batch; True once every record is answered or forwarded, False if it must be read again."""
+        answers, best_effort = await self._route(records, outcomes, taken)
+        try:
+            return await self._settle(answers, best_effort, outcomes)
+        finally:
+            for answer in answers:
+                if answer.entry is not None:
+                    self._unsettled.pop(answer.entry[:2], None)
+
+    async def _route(self, records: list[ConsumerRecord], outcomes: Outcomes,
+                     taken: float | None = None) -> tuple[list[_Answer], list[asyncio.Future]]:
+        """Answer or forward each record of a batch; what was sent, to be settled."""
         taken = time.perf_counter() if taken is None else taken
         answers: list[_Answer] = []
         best_effort: list[asyncio.Future] = []
@@ -167,7 +218,8 @@ class Router:
         candidates: list[_Pending] = []
         seen_in_batch: dict[tuple[str, str], str] = {}
         for record, request, digest in decoded:
-            earlier = seen_in_batch.get((request.tenant, request.id))
+            # A request of this batch, or of an earlier one not yet in the forwarded log.
+            earlier = seen_in_batch.get((request.tenant, request.id)) or self._unsettled.get((request.tenant, request.id))
             if earlier == digest:
                 self.counts["redelivered"] += 1
                 continue
@@ -219,8 +271,10 @@ class Router:
             sent = await outcomes.send(topic, value, routed.prefix_hash.encode(), partition=partition)
             metrics.DECISION_SECONDS.observe(time.perf_counter() - taken)
             answers.append(_Answer(p.record, p.entry, [sent]))
-
-        return await self._settle(answers, best_effort, outcomes)
+        for answer in answers:
+            if answer.entry is not None:
+                self._unsettled[answer.entry[:2]] = answer.entry[2]
+        return answers, best_effort
 
     async def _duplicate_id(self, outcomes: Outcomes, request: InferenceRequest) -> asyncio.Future:
         # Answered, never booked: a cost record would carry the first request's identity.
@@ -435,6 +489,15 @@ class Router:
             return False
         return True
 
+
+
+@dataclass
+class _Round:
+    """A round of records whose answers are on their way to the broker."""
+
+    rounds: dict[Priority, dict[TopicPartition, list[ConsumerRecord]]]
+    settling: asyncio.Task
+    entries: list[tuple[str, str, str]]
 
 
 @dataclass
