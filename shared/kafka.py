@@ -1,18 +1,24 @@
-"""Kafka plumbing every service shares: producers, consumers and topic creation through aiokafka."""
+"""Kafka plumbing every service shares: producers, consumers, admin clients and topic creation through
+aiokafka, each speaking the process's security settings (SWITCHYARD_KAFKA_*)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaConnectionError, KafkaError
+from aiokafka.helpers import create_ssl_context
 
-from shared.errors import DependencyUnavailable
+from shared.errors import ConfigError, DependencyUnavailable
+from shared.settings import KafkaSecurity
 from shared.topics import TopicSpec
 
 log = logging.getLogger(__name__)
@@ -21,8 +27,41 @@ log = logging.getLogger(__name__)
 TOPIC_ALREADY_EXISTS = 36
 
 
+def security_options(security: KafkaSecurity) -> dict[str, Any]:
+    """The aiokafka arguments that `security` stands for, the same for producers, consumers and admin
+    clients. The password is revealed here, to aiokafka, and nowhere else."""
+    options: dict[str, Any] = {"security_protocol": security.protocol}
+    if security.tls:
+        try:
+            # No CA file: the system's CAs, as a broker with a public certificate needs.
+            options["ssl_context"] = create_ssl_context(cafile=security.ssl_cafile, certfile=security.ssl_certfile,
+                                                        keyfile=security.ssl_keyfile, password=_no_key_password)
+        except (ssl.SSLError, OSError) as exc:
+            named = [f"{name}={path}" for name, path in (("SWITCHYARD_KAFKA_SSL_CAFILE", security.ssl_cafile),
+                                                         ("SWITCHYARD_KAFKA_SSL_CERTFILE", security.ssl_certfile),
+                                                         ("SWITCHYARD_KAFKA_SSL_KEYFILE", security.ssl_keyfile)) if path]
+            raise ConfigError(f"could not load the Kafka TLS files ({', '.join(named) or 'the system CAs'}): "
+                              f"{exc}; each must be PEM, and the key the certificate's") from None
+    if security.sasl:
+        options.update(sasl_mechanism=security.sasl_mechanism, sasl_plain_username=security.sasl_username,
+                       sasl_plain_password=security.sasl_password.reveal())
+    return options
+
+
+@functools.cache
+def security() -> dict[str, Any]:
+    """The process's security options, read from SWITCHYARD_KAFKA_* once: every client built here takes them."""
+    return security_options(KafkaSecurity.from_env())
+
+
+def _no_key_password() -> str:
+    # Without a callback OpenSSL would ask for the pass phrase on the terminal, hanging a service.
+    raise ConfigError("SWITCHYARD_KAFKA_SSL_KEYFILE is encrypted; give the client key without a pass phrase")
+
+
 def producer(bootstrap: str, **overrides) -> AIOKafkaProducer:
     options = dict(
+        **security(),
         bootstrap_servers=bootstrap,
         acks="all",
         linger_ms=2,
@@ -36,6 +75,7 @@ def producer(bootstrap: str, **overrides) -> AIOKafkaProducer:
 def consumer(bootstrap: str, *topics: str, group_id: str | None, **overrides) -> AIOKafkaConsumer:
     """A consumer that commits by hand: services commit only what they have finished."""
     options = dict(
+        **security(),
         bootstrap_servers=bootstrap,
         group_id=group_id,
         enable_auto_commit=False,
@@ -45,6 +85,11 @@ def consumer(bootstrap: str, *topics: str, group_id: str | None, **overrides) ->
     )
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)
+
+
+def admin(bootstrap: str, **overrides) -> AIOKafkaAdminClient:
+    """An admin client (topics, configs, consumer groups), speaking the same security as the rest."""
+    return AIOKafkaAdminClient(**{**security(), "bootstrap_servers": bootstrap, **overrides})
 
 
 @asynccontextmanager
@@ -122,32 +167,35 @@ async def wait_for_broker(bootstrap: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        client = admin(bootstrap, request_timeout_ms=5000)
         try:
-            await admin.start()
-            await admin.list_topics()
+            await client.start()
+            await client.list_topics()
             return
         except (KafkaError, OSError) as exc:
             last = exc
             await asyncio.sleep(0.2)
         finally:
-            await admin.close()
-    raise DependencyUnavailable(
-        f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f} s ({last}); "
-        "check SWITCHYARD_BOOTSTRAP or leave it unset to start the embedded broker"
-    )
+            await client.close()
+    hint = "check SWITCHYARD_BOOTSTRAP or leave it unset to start the embedded broker"
+    protocol = security()["security_protocol"]
+    if protocol != "PLAINTEXT":
+        # A refused TLS handshake or login reads as silence here: aiokafka logs the cause and raises no more.
+        hint = (f"check SWITCHYARD_BOOTSTRAP and the SWITCHYARD_KAFKA_* settings (protocol {protocol}); "
+                "aiokafka's log lines say what the broker refused")
+    raise DependencyUnavailable(f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f} s ({last}); {hint}")
 
 
 async def ensure_topics(bootstrap: str, specs: list[TopicSpec], replication_factor: int = 1) -> list[str]:
     """Create the topics that do not exist yet; return the names created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    client = admin(bootstrap, request_timeout_ms=30_000)
     try:
-        await admin.start()
-        existing = set(await admin.list_topics())
+        await client.start()
+        existing = set(await client.list_topics())
         missing = [s for s in specs if s.name not in existing]
         if not missing:
             return []
-        response = await admin.create_topics(
+        response = await client.create_topics(
             [NewTopic(s.name, num_partitions=s.partitions, replication_factor=replication_factor, topic_configs=s.config)
              for s in missing]
         )
@@ -161,7 +209,7 @@ async def ensure_topics(bootstrap: str, specs: list[TopicSpec], replication_fact
     except KafkaConnectionError as exc:
         raise DependencyUnavailable(f"could not reach the broker at {bootstrap} to create topics: {exc}") from exc
     finally:
-        await admin.close()
+        await client.close()
 
 
 async def prepare(bootstrap: str, specs: list[TopicSpec], replication_factor: int = 1,

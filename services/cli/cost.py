@@ -20,6 +20,7 @@ from datetime import datetime, timedelta, timezone
 from schemas import PolicySet
 from services.sink.store import FINAL_SETTINGS, TABLE, CostStore
 from shared.errors import ConfigError
+from shared.settings import masked
 
 DIMENSIONS = {"tenant": "tenant", "route": "route", "model": "model", "hour": "toStartOfHour(ts)"}
 _SPAN = re.compile(r"^(\d+)([mhdw])$")
@@ -163,6 +164,6 @@ def main(settings, *, by: str, since: str, until: str | None, tenant: str | None
                           "versus": model, "rows": rows}, indent=2, default=str))
     else:
         print(f"Cost from {start.isoformat(timespec='seconds')}" + (f" to {end.isoformat(timespec='seconds')}" if end else "")
-              + f" ({settings.dsn()}), USD exact to the nano-USD:")
+              + f" ({masked(settings.dsn())}), USD exact to the nano-USD:")
         print(render(rows, dims, model))
     return 0

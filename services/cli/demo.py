@@ -18,7 +18,7 @@ from services.stack.supervisor import LOCAL_GATEWAY_KEY, read_state, state_path
 from services.worker import tiny_model
 from shared.client import Client
 from shared.errors import DependencyUnavailable
-from shared.settings import Settings
+from shared.settings import Settings, masked
 from shared.topics import Topics
 
 TENANTS = {
@@ -330,7 +330,8 @@ def _report(settings: Settings, state: dict, stats: dict, since: datetime, elaps
     print(f"Demo took {elapsed_s:.0f} s in all.")
     print()
     print("Where the data lives:")
-    print(f"  cost records   {state['clickhouse_dsn']}  (table switchyard.cost_records, view switchyard.cost_by_hour)")
+    print(f"  cost records   {masked(state['clickhouse_dsn'])}  "
+          "(table switchyard.cost_records, view switchyard.cost_by_hour)")
     print(f"  models         {settings.models_dir}")
     print(f"  stack log      {settings.data_dir / 'logs' / 'demo-stack.log'}")
     broker = "the embedded Tansu broker (memory only, gone with the stack)" if not settings.bootstrap \

@@ -128,7 +128,7 @@ def _create_line(spec: TopicSpec, created: bool, have: int) -> str:
 
 @asynccontextmanager
 async def _admin(bootstrap: str):
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
+    admin = kafka.admin(bootstrap, request_timeout_ms=15_000)
     await admin.start()
     try:
         yield admin
@@ -138,8 +138,7 @@ async def _admin(bootstrap: str):
 
 @asynccontextmanager
 async def _reader(bootstrap: str):
-    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                              request_timeout_ms=15_000)
+    reader = kafka.consumer(bootstrap, group_id=None, request_timeout_ms=15_000)
     await reader.start()
     try:
         yield reader

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from redis.asyncio import Redis
-
 from services.router.classify import Classifier, Model
 from services.router.embed import Embedder
 from services.router.static_embed import StaticEmbedder
@@ -20,6 +18,7 @@ from shared import metrics
 from shared.errors import ConfigError
 from shared.kafka import wait_for_broker
 from shared.memory import Memory
+from shared.redis_conn import connect
 from shared.semantic import SemanticIndex
 from shared.settings import Settings
 
@@ -30,13 +29,14 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     if not settings.bootstrap or not settings.redis_url:
         raise ConfigError("a router needs SWITCHYARD_BOOTSTRAP and SWITCHYARD_REDIS_URL (or run `switchyard up`)")
     await wait_for_broker(settings.bootstrap)
+    # Without Redis the router still routes (no limits, caches or redelivery check), and says so.
+    redis = await connect(settings.redis_url, required=False)
     feed = PolicyFeed(settings.bootstrap, settings.topics)
     policies = await feed.start()
     if policies is None:
         policies = load(settings.policy_file)
         log.warning("no policy applied to %s yet; using %s (apply one with `switchyard policy apply FILE`)",
                     settings.topics.policies, settings.policy_file)
-    redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     embedder, classifier = await load_judgement(settings)
     static = await load_static_embedder(settings) if embedder is not None else None
     semantic = SemanticIndex(redis) if embedder is not None else None

@@ -7,6 +7,7 @@ import clickhouse_connect
 
 from schemas import CostRecord
 from shared.errors import ConfigError, DependencyUnavailable
+from shared.settings import masked, scrubbed
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +150,13 @@ class CostStore:
         `ttl_days`: drop records older than that (by the request's time); None keeps them all."""
         if dsn.startswith("chdb://") and not dsn.startswith("chdb:///"):
             raise ConfigError(f"a chDB DSN needs an absolute path (chdb:///abs/path), got {dsn!r}")
+        # clickhouse-connect takes TLS from the port (443, 8443), not from the scheme: an https DSN on
+        # another port would send its password over plain HTTP.
+        secure = {"secure": True} if dsn.startswith("https://") else {}
         try:
-            client = clickhouse_connect.get_client(dsn=dsn)
+            client = clickhouse_connect.get_client(dsn=dsn, **secure)
         except Exception as exc:  # clickhouse-connect raises several unrelated types on connect
-            raise DependencyUnavailable(f"cannot open ClickHouse at {dsn}: {exc}") from exc
+            raise DependencyUnavailable(f"cannot open ClickHouse at {masked(dsn)}: {scrubbed(str(exc), dsn)}") from None
         store = cls(client)
         for statement in DDL:
             client.command(statement)

@@ -28,7 +28,7 @@ from services.stack.status import StatusPage
 from services.worker import tiny_model
 from shared.errors import ConfigError
 from shared.kafka import prepare
-from shared.settings import Settings
+from shared.settings import Settings, masked
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,10 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
                               f"make a tiny one with `switchyard model tiny {settings.models_dir / model}`")
     if read_state(settings):
         raise ConfigError(f"a stack is already running on {settings.data_dir} ({state_path(settings)})")
+    if not settings.bootstrap and settings.kafka_security.protocol != "PLAINTEXT":
+        raise ConfigError(f"SWITCHYARD_KAFKA_SECURITY_PROTOCOL is {settings.kafka_security.protocol}, but the "
+                          "embedded broker speaks PLAINTEXT only: set SWITCHYARD_BOOTSTRAP to your cluster, "
+                          "or unset the SWITCHYARD_KAFKA_* settings")
 
     logs = settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -153,6 +157,11 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
         })
         # vLLM warns at length about CPU tuning it cannot do here; its errors still show.
         env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        # A provider key goes to the worker of its model alone, not to every process the stack starts.
+        provider_keys = {model: spec.provider.api_key_env for model, spec in policies.models.items()
+                         if spec.provider is not None and spec.provider.api_key_env}
+        for name in provider_keys.values():
+            env.pop(name, None)
         me = [sys.executable, "-m", "services.cli.main"]
         # Each child serves its metrics on a port of its own: SWITCHYARD_METRICS_PORT and up, or
         # free ones the kernel picks.
@@ -170,7 +179,10 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
                                {**env, "SWITCHYARD_GATEWAY_KEYS": str(gateway_keys)}, port()))
         gateway_url = f"http://127.0.0.1:{gateway_port}/v1"
         for model in models:
-            children.append(_Child(f"worker.{model}", me + ["worker", "--model", model], env, port()))
+            worker_env = dict(env)
+            if model in provider_keys and provider_keys[model] in os.environ:
+                worker_env[provider_keys[model]] = os.environ[provider_keys[model]]
+            children.append(_Child(f"worker.{model}", me + ["worker", "--model", model], worker_env, port()))
         targets = {c.name: f"http://127.0.0.1:{c.metrics_port}/metrics" for c in children}
         page = StatusPage(targets, infra.free_port(settings.status_port or DEFAULT_STATUS_PORT))
         status_url = page.start()
@@ -184,7 +196,7 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
         keys = (f"key {LOCAL_GATEWAY_KEY} (tenant local)" if gateway_keys == LOCAL_GATEWAY_KEYS
                 else f"keys from {gateway_keys}")
         print(f"gateway      | OpenAI-compatible API at {gateway_url}, {keys}; model=<route>", flush=True)
-        print(f"stack        | up: broker {bootstrap}, redis {redis_url}, ClickHouse {settings.dsn()}; "
+        print(f"stack        | up: broker {bootstrap}, redis {masked(redis_url)}, ClickHouse {masked(settings.dsn())}; "
               f"status page {status_url}; Ctrl-C stops everything", flush=True)
 
         while not stopping.wait(0.5):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from redis.asyncio import Redis
-
 from services.router.policy import load
 from services.worker.engine import Engine, EngineConfig
 from services.worker.provider import ProviderBackend
@@ -14,6 +12,7 @@ from services.worker.service import Worker
 from shared import metrics
 from shared.errors import ConfigError
 from shared.kafka import wait_for_broker
+from shared.redis_conn import connect
 from shared.settings import Settings
 
 
@@ -26,6 +25,9 @@ async def serve(settings: Settings, stop: asyncio.Event, *, model: str, model_pa
         raise ConfigError(f"model {model!r} is not in the policy {settings.policy_file} "
                           f"(models: {', '.join(policies.models)})")
     await wait_for_broker(settings.bootstrap)
+    # Redis holds results for repeats and caches; without it the worker still serves. Connected before
+    # the backend starts, so that refused credentials stop the process with no engine to shut down.
+    redis = await connect(settings.redis_url, required=False) if settings.redis_url else None
     metrics.serve(settings.metrics_port, f"worker {model}")
     spec = policies.models[model]
     if spec.provider is not None:
@@ -34,8 +36,6 @@ async def serve(settings: Settings, stop: asyncio.Event, *, model: str, model_pa
         path = model_path or settings.models_dir / model
         backend = Engine.start(EngineConfig(model_path=path, max_model_len=spec.max_context_tokens,
                                             max_num_seqs=max_in_flight, name=model))
-    # Redis holds results for repeats and caches; without it the worker still serves.
-    redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2) if settings.redis_url else None
     try:
         worker = Worker(model=model, engine=backend, bootstrap=settings.bootstrap, topics=settings.topics,
                         max_in_flight=max_in_flight, redis=redis)

@@ -26,6 +26,7 @@ from services.worker.engine import Completion, OnText, seconds_until
 from services.worker.provider_apis import Answer, Anthropic, OpenAI, StreamFailed
 from shared.errors import (ConfigError, InputTooLarge, ProviderRejected, ProviderUnavailable,
                            SwitchyardError)
+from shared.settings import masked
 
 ERROR_EXCERPT_CHARS = 300
 _DIALECTS = {"openai": OpenAI, "anthropic": Anthropic}
@@ -34,6 +35,9 @@ _JSON = {"content-type": "application/json"}
 _UNREADABLE = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 # How providers say the prompt is over the model's context, whatever the status code.
 _CONTEXT_LENGTH = re.compile(r"context.length|context window|maximum context|prompt is too long", re.I)
+# What an API key is made of. A newline or other control character in it makes the HTTP library refuse
+# the header with an error that quotes the value escaped, where scrubbing the key would not find it.
+_KEY_CHARS = re.compile(r"[\x21-\x7e]+")
 
 
 class ProviderBackend:
@@ -42,13 +46,21 @@ class ProviderBackend:
     def __init__(self, spec: ProviderSpec, *, max_connections: int = 64):
         key = None
         if spec.api_key_env is not None:
-            key = os.environ.get(spec.api_key_env)
+            # A key read from a mounted secret file usually ends in a newline that is not part of it.
+            key = os.environ.get(spec.api_key_env, "").strip()
             if not key:
                 raise ConfigError(f"provider model {spec.model!r} reads its API key from the environment "
                                   f"variable {spec.api_key_env}, which is not set")
+            if not _KEY_CHARS.fullmatch(key):
+                raise ConfigError(f"the API key in {spec.api_key_env} holds spaces, control or non-ASCII "
+                                  "characters, which no API key has: check how the variable is set")
         url = httpx.URL(spec.base_url)
         if url.scheme not in ("http", "https") or not url.host:
-            raise ConfigError(f"provider.base_url {spec.base_url!r} is not an http(s) URL")
+            raise ConfigError(f"provider.base_url {masked(spec.base_url)!r} is not an http(s) URL")
+        if url.userinfo:
+            # The policy travels on a Kafka topic and sits in files: a credential there is one leaked.
+            raise ConfigError(f"provider.base_url {masked(spec.base_url)!r} carries credentials; "
+                              "put the key in the environment variable that provider.api_key_env names")
         self.spec = spec
         self._key = key
         self._dialect = _DIALECTS[spec.api]()
