@@ -4,7 +4,7 @@ from schemas._base import SCHEMA_VERSION
 from schemas.batch import BadLine, BatchJob
 from schemas.cost import CostRecord
 from schemas.health import ModelHealth
-from schemas.policy import CachePolicy, ModelPrice, ModelSpec, PolicySet, ProviderSpec, RoutePolicy, TenantLimits
+from schemas.policy import CachePolicy, GuardrailPolicy, ModelPrice, ModelSpec, PolicySet, ProviderSpec, RoutePolicy, TenantLimits
 from schemas.request import ChatMessage, InferenceRequest, Priority, Sampling, new_request_id, now_ms
 from schemas.result import CacheHit, ErrorInfo, InferenceResult, Latency, Status, StreamDelta
 from schemas.routed import ConfidenceCheck, DeadLetter, Hop, Memo, RoutedRequest
@@ -20,6 +20,7 @@ __all__ = [
     "BatchJob",
     "CacheHit",
     "CachePolicy",
+    "GuardrailPolicy",
     "ConfidenceCheck",
     "ChatMessage",
     "CostRecord",

@@ -76,6 +76,23 @@ class TenantLimits(WireModel):
     tokens_per_minute: int | None = Field(default=None, ge=1)
 
 
+class GuardrailPolicy(WireModel):
+    """Inline checks on what a route's requests carry, before any model sees them (shared/guardrails.py)."""
+
+    pii: Literal["off", "redact", "block"] = Field(default="off", description=(
+        "Personal data in any message (emails, phone numbers, card numbers, US SSNs, IBANs, IPv4 "
+        "addresses): 'redact' replaces each with a placeholder such as [EMAIL] before the request is "
+        "forwarded; 'block' answers the request 'blocked'."))
+    injection: Literal["off", "block"] = Field(default="off", description=(
+        "'block' answers 'blocked' a request whose user or tool messages try to override the model's "
+        "instructions, switch it into an unrestricted mode or extract its system prompt (rules on a "
+        "normalised text that undoes homoglyphs, zero-width characters, leetspeak and spaced letters)."))
+
+    @property
+    def active(self) -> bool:
+        return self.pii != "off" or self.injection != "off"
+
+
 class CachePolicy(WireModel):
     exact: bool = Field(default=False, description="Answer a request identical to an earlier one from its stored result.")
     semantic: bool = Field(default=False, description="Answer a request whose conversation is close enough in meaning.")
@@ -95,6 +112,7 @@ class RoutePolicy(WireModel):
     allow_escalation: bool = Field(default=False, description="Whether 'escalate: true' may send a request to the route's strongest tier.")
     max_cost_usd: Decimal | None = Field(default=None, gt=0, description="Cost ceiling per request: models whose worst case is dearer are skipped.")
     cache: CachePolicy = Field(default_factory=CachePolicy, description="Off unless the route opts in.")
+    guardrails: GuardrailPolicy = Field(default_factory=GuardrailPolicy, description="Off unless the route opts in.")
     escalate_below_confidence: float | None = Field(default=None, gt=0, lt=1, description=(
         "An answer whose confidence (the geometric mean of its tokens' probabilities) is below this goes "
         "on to the next stronger model of the route; off when unset."))

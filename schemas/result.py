@@ -15,6 +15,7 @@ class Status(str, enum.Enum):
     rejected = "rejected"
     failed = "failed"
     expired = "expired"
+    blocked = "blocked"  # a route's guardrail refused it: the error says which and why
 
 
 class CacheHit(str, enum.Enum):

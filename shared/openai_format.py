@@ -216,7 +216,7 @@ _ERRORS: dict[str, tuple[int, str]] = {
     "provider_timeout": (504, "timeout_error"),
 }
 _BY_STATUS = {Status.rejected: (400, "invalid_request_error"), Status.expired: (504, "timeout_error"),
-              Status.failed: (502, "server_error")}
+              Status.failed: (502, "server_error"), Status.blocked: (400, "invalid_request_error")}
 
 
 def error_status(result: InferenceResult) -> tuple[int, dict, dict[str, str]]:

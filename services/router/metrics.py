@@ -17,6 +17,9 @@ DECISIONS = Counter("switchyard_router_decisions_total", "Routing decisions, by 
                     ["route", "tier", "model", "basis"])
 CACHE = Counter("switchyard_router_cache_total", "Cache and repeat lookups, by kind and result.",
                 ["route", "kind", "result"])
+GUARDRAILS = Counter("switchyard_router_guardrail_total",
+                     "Guardrail decisions, by check (pii, injection) and decision (passed, redacted, blocked).",
+                     ["route", "check", "decision"])
 DECISION_SECONDS = Histogram(
     "switchyard_router_decision_seconds", "From taking a request off its topic to handing it to the producer.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
@@ -49,6 +52,7 @@ requests = Children(REQUESTS)
 decisions = Children(DECISIONS)
 cache = Children(CACHE)
 queue_wait = Children(QUEUE_WAIT)
+guardrails = Children(GUARDRAILS)
 
 
 @functools.lru_cache(maxsize=1024)

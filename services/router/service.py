@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
@@ -39,6 +39,7 @@ from shared.errors import InputError, UndecodableMessage
 from shared.memory import Claim, Memory, cache_namespace, content_hash, exact_key, idempotency_key, replay
 from shared.outcomes import Outcomes, cost_record, error_result
 from shared.semantic import SemanticIndex, pack
+from shared.guardrails import redact_pii, screen_injection
 from shared.semantic_guard import signature
 from shared.topics import Topics
 
@@ -237,6 +238,9 @@ class Router:
                 p.policy = admit(request, self.policies, p.tokens_in)
             except InputError as exc:
                 p.final = (Status.rejected, exc.code, str(exc))
+                continue
+            if p.policy.guardrails.active:
+                self._guard(p)
         judging = [p for p in candidates if p.final is None]
         await self._judge(judging)
         unhealthy = self.health.unhealthy(self.policies) if self.health is not None else {}
@@ -248,6 +252,9 @@ class Router:
                                   unhealthy=unhealthy)
             except InputError as exc:
                 p.final = (Status.rejected, exc.code, str(exc))
+                continue
+            if p.guarded:
+                p.routed = p.routed.model_copy(update={"reasons": [*p.routed.reasons, *p.guarded]})
 
         forward = await self._through_gate(candidates, answers, outcomes)
         for p in forward:
@@ -275,6 +282,45 @@ class Router:
             if answer.entry is not None:
                 self._unsettled[answer.entry[:2]] = answer.entry[2]
         return answers, best_effort
+
+    def _guard(self, p: _Pending) -> None:
+        """The route's guardrails: refuse (p.final) what they block; redact personal data in place
+        (p.request), noting it among the reasons that travel on to the result."""
+        rails, request, route = p.policy.guardrails, p.request, self._label(p.request.route)
+        messages = request.messages
+        if rails.injection == "block":
+            # System prompts are the product's own; what users and tools bring is screened.
+            screened = [request.prompt] if messages is None else [m.content for m in messages
+                                                                  if m.role in ("user", "tool")]
+            for text in screened:
+                screen = screen_injection(text)
+                if screen.blocked:
+                    metrics.guardrails(route, "injection", "blocked").inc()
+                    p.final = (Status.blocked, "prompt_injection",
+                               f"the route's injection screen blocked this request ({screen.rule})")
+                    return
+            metrics.guardrails(route, "injection", "passed").inc()
+        if rails.pii != "off":
+            texts = [request.prompt] if messages is None else [m.content for m in messages]
+            redactions = [redact_pii(text) for text in texts]
+            found = Counter()
+            for r in redactions:
+                found.update(r.found)
+            if not found:
+                metrics.guardrails(route, "pii", "passed").inc()
+                return
+            kinds = ", ".join(f"{kind} x{n}" for kind, n in sorted(found.items()))
+            if rails.pii == "block":
+                metrics.guardrails(route, "pii", "blocked").inc()
+                p.final = (Status.blocked, "pii_detected", f"the route accepts no personal data; found {kinds}")
+                return
+            metrics.guardrails(route, "pii", "redacted").inc()
+            if messages is None:
+                p.request = request.model_copy(update={"prompt": redactions[0].text})
+            else:
+                p.request = request.model_copy(update={"messages": [
+                    m.model_copy(update={"content": r.text}) for m, r in zip(messages, redactions)]})
+            p.guarded.append(f"guardrail: pii redacted ({kinds})")
 
     async def _duplicate_id(self, outcomes: Outcomes, request: InferenceRequest) -> asyncio.Future:
         # Answered, never booked: a cost record would carry the first request's identity.
@@ -519,6 +565,7 @@ class _Pending:
     routed: RoutedRequest | None = None
     exact_key: str | None = None
     final: tuple[Status, str, str] | None = None  # the answer the router gives it itself, if not forwarded
+    guarded: list[str] = field(default_factory=list)  # what the route's guardrails did to it
 
 
 class _TooLarge(UndecodableMessage):

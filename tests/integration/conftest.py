@@ -76,6 +76,8 @@ routes:
   escalating: {models: [small, big], max_output_tokens: 8, escalate_below_confidence: 0.9}
   moving-on: {models: [flaky, small], max_output_tokens: 8}
   large-only: {models: [large], max_output_tokens: 8}
+  guarded: {models: [small], max_output_tokens: 8, guardrails: {pii: redact, injection: block}}
+  no-personal-data: {models: [small], max_output_tokens: 8, guardrails: {pii: block}}
 tenants:
   limited: {requests_per_minute: 2}
 """
