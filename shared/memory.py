@@ -111,10 +111,11 @@ def cache_namespace(request: InferenceRequest, policy: RoutePolicy) -> str:
     return f"{request.route}:{owner}"
 
 
-def idempotency_key(request: InferenceRequest) -> str:
+def idempotency_key(request: InferenceRequest, content: str | None = None) -> str:
+    """`content`: the request's content_hash, where the caller has it already."""
     if request.idempotency_key is not None:
         return f"{PREFIX}idem:{request.tenant}:k:{request.idempotency_key}"
-    return f"{PREFIX}idem:{request.tenant}:c:{content_hash(request)}"
+    return f"{PREFIX}idem:{request.tenant}:c:{content or content_hash(request)}"
 
 
 def exact_key(namespace: str, digest: str) -> str:
@@ -149,9 +150,9 @@ class Claim:
         return cls("claimed")
 
 
-def claim_ask(request: InferenceRequest, window_s: int) -> tuple[list, str]:
-    """CLAIM_LUA's ask for a request, and its payload."""
-    return ([idempotency_key(request), request.id, str(1000 * min(window_s, MAX_INFLIGHT_S))],
+def claim_ask(request: InferenceRequest, window_s: int, key: str | None = None) -> tuple[list, str]:
+    """CLAIM_LUA's ask for a request (under `key`, its idempotency key if the caller has it), and its payload."""
+    return ([key or idempotency_key(request), request.id, str(1000 * min(window_s, MAX_INFLIGHT_S))],
             request.model_dump_json())
 
 
@@ -182,16 +183,6 @@ class Memory:
         for k in range(0, len(replies), 3):
             claims[int(replies[k]) - 1] = Claim.parse(replies[k + 1], replies[k + 2])
         return claims
-
-    async def exact(self, keys: list[str]) -> list[InferenceResult | None]:
-        if not keys:
-            return []
-        try:
-            values = await self.redis.mget(keys)
-        except RedisError as exc:
-            self.unavailable(exc)
-            return [None] * len(keys)
-        return [None if v is None else InferenceResult.model_validate_json(v) for v in values]
 
     async def complete(self, routed: RoutedRequest, result: InferenceResult) -> list[InferenceRequest]:
         """Record the result of a routed request; the requests that waited for it, to be answered

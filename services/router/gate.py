@@ -83,6 +83,7 @@ class Ask:
     limits: TenantLimits | None = None
     exact_key: str | None = None
     claim_window_s: int | None = None
+    claim_key: str | None = None  # its idempotency key, where the caller worked it out already
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Gate:
             limit = window.ask(request.tenant, ask.tokens, ask.limits) if ask.limits is not None else None
             claim, at = 0, 0
             if ask.claim_window_s is not None and self._memory is not None:
-                claim, payload = claim_ask(request, ask.claim_window_s)
+                claim, payload = claim_ask(request, ask.claim_window_s, ask.claim_key)
                 payloads.append(payload)
                 at = 2 + len(payloads)
             packed.append([self._forwarded.key(request.tenant, request.id), ask.digest, int(ask.go_on),

@@ -29,12 +29,6 @@ end
 return #entries
 """
 
-# The digests recorded for a JSON array of keys (MGET, with one packed argument).
-_LOOKUP = """
-return redis.call('MGET', unpack(cjson.decode(ARGV[1])))
-"""
-
-
 def content_digest(value: bytes) -> str:
     return hashlib.blake2b(value, digest_size=12).hexdigest()
 
@@ -44,24 +38,11 @@ class ForwardedLog:
         self.redis = redis
         self._window_s = window_s
         self._record = redis.register_script(_RECORD)
-        self._lookup = redis.register_script(_LOOKUP)
         self.degraded = False
 
     @staticmethod
     def key(tenant: str, request_id: str) -> str:
         return f"{KEY_PREFIX}{tenant}:{request_id}"
-
-    async def lookup(self, keys: list[tuple[str, str]]) -> list[str | None]:
-        """The content digest recorded for each (tenant, request id), or None. Without Redis, all None."""
-        if not keys:
-            return []
-        try:
-            values = await self._lookup(args=[orjson.dumps([self.key(t, i) for t, i in keys])])
-        except RedisError as exc:
-            self.unavailable(exc)
-            return [None] * len(keys)
-        self.degraded = False
-        return [v.decode() if isinstance(v, bytes) else v for v in values]
 
     async def record(self, entries: list[tuple[str, str, str]]) -> None:
         """Record (tenant, request id, content digest) for requests whose forwarding the broker acknowledged."""

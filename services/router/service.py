@@ -180,17 +180,6 @@ class Router:
             kafka.rewind(lanes.consumers[priority], offsets)
         return False
 
-    async def _route_batch(self, records: list[ConsumerRecord], outcomes: Outcomes,
-                           taken: float | None = None) -> bool:
-        """Route a batch; True once every record is answered or forwarded, False if it must be read again."""
-        answers, best_effort = await self._route(records, outcomes, taken)
-        try:
-            return await self._settle(answers, best_effort, outcomes)
-        finally:
-            for answer in answers:
-                if answer.entry is not None:
-                    self._unsettled.pop(answer.entry[:2], None)
-
     async def _route(self, records: list[ConsumerRecord], outcomes: Outcomes,
                      taken: float | None = None) -> tuple[list[_Answer], list[asyncio.Future]]:
         """Answer or forward each record of a batch; what was sent, to be settled."""
@@ -383,14 +372,18 @@ class Router:
             if p.final is not None:
                 asks.append(Ask(p.request, p.entry[2], go_on=False))
                 continue
+            content = None  # the content hash, worked out once for both keys
             if self._memory is not None and p.policy.cache.exact:
-                p.exact_key = exact_key(cache_namespace(p.request, p.policy), content_hash(p.request))
+                content = content_hash(p.request)
+                p.exact_key = exact_key(cache_namespace(p.request, p.policy), content)
             # A route with a semantic cache asks it first, and claims after a miss.
             claims = (self._memory is not None and p.policy.idempotency_window_s > 0
                       and not (p.vector is not None and p.policy.cache.semantic))
+            if claims:
+                p.idem_key = idempotency_key(p.request, content)
             asks.append(Ask(p.request, p.entry[2], tokens=p.tokens_in + p.routed.request.sampling.max_tokens,
                             limits=self.policies.limits_for(p.request.tenant), exact_key=p.exact_key,
-                            claim_window_s=p.policy.idempotency_window_s if claims else None))
+                            claim_window_s=p.policy.idempotency_window_s if claims else None, claim_key=p.idem_key))
         passages = await self._gate.check(asks)
 
         forward, semantic = [], []
@@ -488,7 +481,7 @@ class Router:
         if not (claimed or p.exact_key or semantic):
             return None
         return Memo(
-            idempotency_key=idempotency_key(p.request) if claimed else None,
+            idempotency_key=(p.idem_key or idempotency_key(p.request)) if claimed else None,
             window_s=max(1, p.policy.idempotency_window_s),
             exact_key=p.exact_key,
             cache_ttl_s=cache.ttl_s,
@@ -564,6 +557,7 @@ class _Pending:
     signature: str | None = None
     routed: RoutedRequest | None = None
     exact_key: str | None = None
+    idem_key: str | None = None  # its idempotency key, once worked out for a claim
     final: tuple[Status, str, str] | None = None  # the answer the router gives it itself, if not forwarded
     guarded: list[str] = field(default_factory=list)  # what the route's guardrails did to it
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 import math
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import orjson
 import pytest
@@ -17,6 +16,7 @@ from schemas.policy import ProviderSpec
 from schemas.request import InferenceRequest
 from services.worker.provider import ERROR_EXCERPT_CHARS, ProviderBackend
 from shared.errors import ConfigError, InputTooLarge, ProviderRejected, ProviderUnavailable
+from tests.http_fakes import serving
 
 KEY = "sk-test-4f9c2e7a1b8d6053-do-not-leak"
 KEY_ENV = "SWITCHYARD_TEST_PROVIDER_KEY"
@@ -167,12 +167,8 @@ class FakeProvider(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server_url() -> str:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeProvider)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with serving(FakeProvider) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

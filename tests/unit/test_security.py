@@ -11,7 +11,7 @@ import socket
 import ssl
 import threading
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import certifi
 import orjson
@@ -28,6 +28,7 @@ from shared.errors import ConfigError, DependencyUnavailable, ProviderRejected, 
 from shared.redis_conn import connect
 from shared.settings import KafkaSecurity, Secret, Settings, masked, scrubbed
 from shared.topics import TopicSpec
+from tests.http_fakes import serving
 
 PASSWORD = "kafka-pw-3e8b1f-do-not-leak"
 KEY = "sk-sec-9d2c4a71e0b5-do-not-leak"
@@ -368,12 +369,8 @@ class EchoingProvider(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def echoing_url() -> str:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), EchoingProvider)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with serving(EchoingProvider) as url:
+        yield url
 
 
 def _logged(exc: BaseException) -> str:
