@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from schemas import CacheHit, InferenceRequest, InferenceResult, Latency, RoutedRequest, now_ms
 from schemas.policy import RoutePolicy
+from shared.metrics import RedisDegraded
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,8 @@ def claim_ask(request: InferenceRequest, window_s: int, key: str | None = None) 
 
 
 class Memory:
+    degraded = RedisDegraded("memory")
+
     def __init__(self, redis: Redis):
         self.redis = redis
         self._claim = redis.register_script(_CLAIM)

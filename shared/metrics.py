@@ -40,6 +40,28 @@ DEAD_LETTERS = Counter(
     "switchyard_dead_letters_total", "Messages set aside on the dead-letter topic, by the topic they came from and why.",
     ["topic", "reason"],
 )
+REDIS_DEGRADED = Gauge(
+    "switchyard_redis_degraded",
+    "1 while this part of the service runs without Redis (no caches, repeats or limits there), 0 once it answers.",
+    ["part"],
+)
+
+
+class RedisDegraded:
+    """`part.degraded = True/False` on an object that leans on Redis, shown as switchyard_redis_degraded{part}."""
+
+    def __init__(self, part: str):
+        self.part = part
+
+    def __set_name__(self, owner, name: str) -> None:
+        self._attr = f"_{name}"
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj, self._attr, False)
+
+    def __set__(self, obj, value: bool) -> None:
+        setattr(obj, self._attr, value)
+        REDIS_DEGRADED.labels(self.part).set(1 if value else 0)
 
 
 class BoundedLabels:

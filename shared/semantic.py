@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from schemas import InferenceResult
+from shared.metrics import RedisDegraded
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class _Ring:
 class SemanticIndex:
     """A router's copy of the semantic cache."""
 
+    degraded = RedisDegraded("semantic_index")
+
     def __init__(self, redis: Redis, *, stream: str = STREAM):
         self._redis = redis
         self._stream = stream
@@ -87,6 +90,7 @@ class SemanticIndex:
         self._last_id = "0-0"
         self._task: asyncio.Task | None = None
         self.entries_seen = 0
+        self.degraded = False
 
     def add(self, namespace: str, vector: np.ndarray, result: bytes, expires: float, max_entries: int,
             signature: str) -> None:
@@ -144,10 +148,13 @@ class SemanticIndex:
         while True:
             try:
                 await self._read(block_ms=1000)
+                self.degraded = False
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                log.warning("semantic cache: cannot read the stream (%s); retrying", exc)
+                if not self.degraded:
+                    log.warning("semantic cache: cannot read the stream (%s); retrying every second", exc)
+                self.degraded = True
                 await asyncio.sleep(1)
 
     async def _read(self, block_ms: int | None) -> None:

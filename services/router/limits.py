@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from schemas import TenantLimits
+from shared.metrics import RedisDegraded
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class Refusal:
 
 
 class TenantLimiter:
+    degraded = RedisDegraded("tenant_limits")
+
     def __init__(self, redis: Redis):
         self.redis = redis
         self._admit = redis.register_script(_ADMIT)

@@ -14,6 +14,7 @@ import logging
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from shared.metrics import RedisDegraded
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ def content_digest(value: bytes) -> str:
 
 
 class ForwardedLog:
+    degraded = RedisDegraded("forwarded_log")
+
     def __init__(self, redis: Redis, window_s: int = 24 * 3600):
         self.redis = redis
         self._window_s = window_s

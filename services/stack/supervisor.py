@@ -5,6 +5,10 @@ sink, the router and one worker per model as child processes with prefixed logs.
 live in their own sessions so that Ctrl-C reaches only the supervisor, which stops them in
 the order that loses nothing: router and workers first (they drain what is in flight), then
 the sink (it flushes the last cost records), then Redis and the broker.
+
+A child that dies is restarted, as a container runtime would, after a back-off that doubles
+with each recent restart; Kafka redelivers what it had not committed. A child that keeps
+dying (CRASH_LOOP_RESTARTS within CRASH_LOOP_WINDOW_S) stops the whole stack instead.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ log = logging.getLogger(__name__)
 STATE_FILE = "stack.json"
 DEFAULT_STATUS_PORT = 8700
 SERVICE_STOP_GRACE_S = 60.0
+CRASH_LOOP_RESTARTS = 5
+CRASH_LOOP_WINDOW_S = 300.0
+MAX_RESTART_DELAY_S = 30.0
 LOCAL_GATEWAY_KEYS = Path(__file__).resolve().parents[2] / "deploy" / "local" / "gateway-keys.yaml"
 LOCAL_GATEWAY_KEY = "sk-switchyard-local"  # its SHA-256 is in LOCAL_GATEWAY_KEYS; for this machine only
 
@@ -58,16 +65,39 @@ class _Child:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], metrics_port: int):
         self.name = name
         self.metrics_port = metrics_port
-        env = {**env, "SWITCHYARD_METRICS_PORT": str(metrics_port)}
-        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        self._argv = argv
+        self._env = {**env, "SWITCHYARD_METRICS_PORT": str(metrics_port)}
+        self.restarts: list[float] = []  # monotonic times of the restarts so far
+        self.restart_at: float | None = None  # when a dead child is due to start again
+        self._start()
+
+    def _start(self) -> None:
+        self.proc = subprocess.Popen(self._argv, env=self._env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      start_new_session=True, text=True, errors="replace")
-        self._pump = threading.Thread(target=self._print_lines, daemon=True)
+        self._pump = threading.Thread(target=self._print_lines, args=(self.proc,), daemon=True)
         self._pump.start()
 
-    def _print_lines(self) -> None:
-        for line in self.proc.stdout:
+    def _print_lines(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
             sys.stdout.write(f"{self.name:<13}| {line}")
             sys.stdout.flush()
+
+    def died(self, now: float) -> float | None:
+        """The child has exited: clear away what is left of it and schedule its restart. The
+        delay, or None when it is crash-looping and the stack should stop."""
+        _kill_group(self.proc.pid)  # its own children (vLLM's engine processes) outlive a killed worker
+        recent = [t for t in self.restarts if now - t < CRASH_LOOP_WINDOW_S]
+        if len(recent) >= CRASH_LOOP_RESTARTS:
+            return None
+        delay = min(MAX_RESTART_DELAY_S, 2.0 ** len(recent))
+        self.restart_at = now + delay
+        return delay
+
+    def restart(self, now: float) -> None:
+        self._pump.join(timeout=2)
+        self.restarts.append(now)
+        self.restart_at = None
+        self._start()
 
     def stop(self, grace_s: float) -> None:
         if self.proc.poll() is None:
@@ -76,9 +106,16 @@ class _Child:
                 self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop within %.0f s; killing it", self.name, grace_s)
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                _kill_group(self.proc.pid)
                 self.proc.wait()
         self._pump.join(timeout=2)
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def up(settings: Settings, models: list[str] | None = None) -> int:
@@ -186,11 +223,20 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
         targets = {c.name: f"http://127.0.0.1:{c.metrics_port}/metrics" for c in children}
         page = StatusPage(targets, infra.free_port(settings.status_port or DEFAULT_STATUS_PORT))
         status_url = page.start()
-        state_path(settings).write_text(json.dumps({
+        state = {
             "pid": os.getpid(), "bootstrap": bootstrap, "redis_url": redis_url, "clickhouse_dsn": settings.dsn(),
             "topic_prefix": settings.topic_prefix, "models": models, "started_at": time.time(),
             "metrics": targets, "status_url": status_url, "gateway_url": gateway_url,
-        }) + "\n")
+        }
+
+        def write_state() -> None:
+            # Each service's pid and restart count: what `switchyard chaos` kills, and how a person sees a crash loop.
+            state["services"] = {c.name: {"pid": c.proc.pid, "restarts": len(c.restarts)} for c in children}
+            path = state_path(settings)
+            path.with_suffix(".tmp").write_text(json.dumps(state) + "\n")
+            path.with_suffix(".tmp").replace(path)
+
+        write_state()
         for name, url in targets.items():
             print(f"metrics      | {name} at {url}", flush=True)
         keys = (f"key {LOCAL_GATEWAY_KEY} (tenant local)" if gateway_keys == LOCAL_GATEWAY_KEYS
@@ -200,13 +246,12 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
               f"status page {status_url}; Ctrl-C stops everything", flush=True)
 
         while not stopping.wait(0.5):
-            dead = [c for c in children if c.proc.poll() is not None]
-            if dead:
-                for child in dead:
-                    print(f"stack        | {child.name} exited with code {child.proc.returncode}; stopping the stack",
-                          flush=True)
+            restarted = _tend(children)
+            if restarted is None:
                 code = 1
                 break
+            if restarted:
+                write_state()
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         # Front to back: nothing new enters, what is in flight finishes, its costs are booked.
@@ -224,6 +269,29 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
         state_path(settings).unlink(missing_ok=True)
         print("stack        | stopped", flush=True)
     return code
+
+
+def _tend(children: list[_Child]) -> bool | None:
+    """Restart the children that died, once their back-off has passed: whether one was started
+    again, or None if one is crash-looping."""
+    now = time.monotonic()
+    restarted = False
+    for child in children:
+        if child.restart_at is not None:
+            if now >= child.restart_at:
+                print(f"stack        | starting {child.name} again (restart {len(child.restarts) + 1})", flush=True)
+                child.restart(now)
+                restarted = True
+        elif child.proc.poll() is not None:
+            delay = child.died(now)
+            if delay is None:
+                print(f"stack        | {child.name} exited with code {child.proc.returncode} after "
+                      f"{CRASH_LOOP_RESTARTS} restarts within {CRASH_LOOP_WINDOW_S:.0f} s; stopping the stack",
+                      flush=True)
+                return None
+            print(f"stack        | {child.name} exited with code {child.proc.returncode}; restarting it in "
+                  f"{delay:.0f} s", flush=True)
+    return restarted
 
 
 async def _policy_in_force(bootstrap: str, settings: Settings, policies) -> str:

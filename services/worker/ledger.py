@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from schemas import InferenceResult
+from shared.metrics import RedisDegraded
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,12 @@ def _b64(data: bytes | None) -> str | None:
 
 
 class Ledger:
+    degraded = RedisDegraded("ledger")
+
     def __init__(self, redis: Redis, ttl_s: int = TTL_S):
         self._redis = redis
         self._ttl_s = ttl_s
+        self.degraded = False
 
     async def get(self, request_id: str, attempt: int) -> Outcome | None:
         """The outcome recorded for this attempt, or None (never run, or Redis unreachable: run it)."""
@@ -65,7 +69,9 @@ class Ledger:
             raw = await self._redis.get(_key(request_id, attempt))
         except RedisError as exc:
             log.warning("could not read the outcome of %s: %s; running it", request_id, exc)
+            self.degraded = True
             return None
+        self.degraded = False
         if raw is None:
             return None
         data = orjson.loads(raw)
@@ -85,3 +91,4 @@ class Ledger:
             await self._redis.set(_key(request_id, attempt), data, ex=self._ttl_s)
         except RedisError as exc:
             log.warning("could not record the outcome of %s: %s", request_id, exc)
+            self.degraded = True

@@ -184,3 +184,53 @@ def test_a_service_whose_supervisor_died_stops_by_itself(tmp_path, broker):
     finally:
         if sink.is_running():
             sink.kill()
+
+
+PROVIDER_ONLY_POLICY = """
+version: "restart-1"
+models:
+  remote: {tier: small, price_in_usd_per_mtok: 1.0, price_out_usd_per_mtok: 2.0,
+           provider: {api: openai, base_url: "http://127.0.0.1:9/v1", model: m}}
+routes:
+  chat: {models: [remote], max_output_tokens: 8}
+"""
+
+
+def test_up_starts_a_killed_service_again(tmp_path, broker):
+    """A service killed outright (SIGKILL, as the OOM killer does) is started again by `switchyard up`,
+    which records the new pid and the restart in stack.json and keeps running."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(PROVIDER_ONLY_POLICY)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")}
+    env.update(SWITCHYARD_DATA_DIR=str(tmp_path / "data"), SWITCHYARD_POLICY=str(policy), SWITCHYARD_BOOTSTRAP=broker,
+               SWITCHYARD_TOPIC_PREFIX="restarts", SWITCHYARD_EMBEDDINGS="off")
+    log_path = tmp_path / "up.log"
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up"], cwd=ROOT, env=env,
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    try:
+        state_file = tmp_path / "data" / "stack.json"
+        state = _wait_for_state(state_file, proc)
+        assert set(state["services"]) == {"sink", "router", "gateway", "worker.remote"}
+        first = state["services"]["sink"]
+        assert first["restarts"] == 0
+        os.kill(first["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "switchyard up stopped instead of starting the sink again"
+            now = json.loads(state_file.read_text())["services"]["sink"]
+            if now["pid"] != first["pid"]:
+                break
+            time.sleep(0.2)
+        assert now == {"pid": now["pid"], "restarts": 1}, now
+        assert psutil.Process(now["pid"]).is_running()
+        # The others were left alone.
+        assert all(json.loads(state_file.read_text())["services"][name] == state["services"][name]
+                   for name in ("router", "gateway", "worker.remote"))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 0
+        log = log_path.read_text()
+        assert "sink exited with code -9; restarting it in 1 s" in log and "starting sink again (restart 1)" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        print(log_path.read_text()[-3000:])

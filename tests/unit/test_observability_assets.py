@@ -392,7 +392,7 @@ def test_the_alerts_the_platform_relies_on_are_there():
     alerts = {r["alert"] for g in RULE_DOC["groups"] for r in g["rules"]}
     assert alerts >= {"HighErrorRate", "LatencyP95High", "ConsumerLagGrowing", "WorkerSaturated", "SinkBehind",
                       "DeadLettersAppearing", "ModelUnhealthy", "EscalationRateHigh", "SpendAnomaly",
-                      "CacheHitRateDropped", "MetricsTargetDown"}
+                      "CacheHitRateDropped", "MetricsTargetDown", "RedisUnavailable"}
 
 
 def test_prometheus_loads_the_rules_and_knows_the_runbook_base():
