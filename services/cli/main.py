@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from shared import lifecycle, log
-from shared.errors import SwitchyardError
+from shared.errors import ConfigError, SwitchyardError
 from shared.settings import Settings
 
 
@@ -88,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     cost.add_argument("--route", help="only this route")
     cost.add_argument("--versus", help="the model to price the same tokens at (default: the dearest of the hard tier)")
     cost.add_argument("--json", action="store_true", help="as JSON instead of a table")
+    chaos = sub.add_parser("chaos", help="fault drills on a local stack of its own: nothing lost, nothing billed twice")
+    chaos.add_argument("--scenarios", default="all", help="comma-separated, or all (default): steady, worker-kill, "
+                       "router-kill, sink-kill, redis-stop, broker-restart, provider-faults, poison-burst")
+    chaos.add_argument("--rate", type=float, default=4.0, help="requests per second of the steady load (default 4)")
+    chaos.add_argument("--redis-down-s", type=float, default=30.0, help="how long Redis stays stopped (default 30)")
+    chaos.add_argument("--out", type=Path, default=Path("bench-results/chaos.json"), help="where the JSON goes")
     demo = sub.add_parser("demo", help="run the local stack, send requests for three tenants, print what they cost")
     demo.add_argument("--requests", type=int, default=300)
     demo.add_argument("--concurrency", type=int, default=48)
@@ -166,6 +173,17 @@ def main(argv: list[str] | None = None) -> int:
 
             return cost(settings, by=args.by, since=args.since, until=args.until, tenant=args.tenant,
                         route=args.route, versus=args.versus, as_json=args.json)
+        elif args.command == "chaos":
+            from services.chaos.main import main as chaos
+            from services.chaos.scenarios import Drill
+
+            log.setup("chaos", "WARNING")
+            # The drill's clients see the faults it injects; what they make of them is its table.
+            logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+            if args.rate <= 0 or args.redis_down_s < 0:
+                raise ConfigError("--rate must be above 0 and --redis-down-s at least 0")
+            return chaos(settings.data_dir / "chaos", args.scenarios, args.rate, Drill(redis_down_s=args.redis_down_s),
+                         args.out)
         elif args.command == "demo":
             from services.cli.demo import demo
 

