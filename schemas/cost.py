@@ -12,13 +12,14 @@ from schemas.result import CacheHit, Status
 
 
 class CostRecord(Message):
-    request_id: str
+    # The sink writes these into ClickHouse: bounded as the request's own fields are.
+    request_id: str = Field(min_length=1, max_length=128)
     attempt: int = Field(default=0, ge=0, le=2**16 - 1, description="0 for the first model call; escalations count up.")
     ts_ms: int = Field(ge=0, description="When the request was made (its created_at_ms): the same on every re-run.")
-    tenant: str
-    route: str
-    model: str = Field(description="The model that ran it; empty when no model ran (rejected, expired, cache hit).")
-    priority: str
+    tenant: str = Field(max_length=64)
+    route: str = Field(max_length=64)
+    model: str = Field(max_length=64, description="The model that ran it; empty when no model ran (rejected, expired, cache hit).")
+    priority: str = Field(max_length=16)
     status: Status
     cache_hit: CacheHit = CacheHit.none
     tokens_in: int = Field(ge=0, le=U32)

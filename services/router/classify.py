@@ -26,15 +26,21 @@ FORMAT_VERSION = 2  # 2: features are the embedding and the input length
 LONG_INPUT_TOKENS = 600
 LARGE_SCHEMA_FIELDS = 12
 
+# Linear in the text (the rules read every request's last turn): nothing that can match the same
+# characters two ways is quantified twice. Possessive quantifiers (*+, ++) give nothing back, a
+# pattern starts only at a word's first letter (\b), and a line's indent never runs on into the
+# next line. For search() each finds what the plain form found (a stack frame's method name may no
+# longer hold a parenthesis); tests/unit/test_classify.py times them on a megabyte of adversarial text.
 _CODE = re.compile(
-    r"```|Traceback \(most recent call last\)|^\s*(def|class|import|from \S+ import|#include|public static|"
-    r"func|fn|SELECT .+ FROM|CREATE TABLE)\b|\w+\([^()\n]*\)\s*\{|=>|;\s*$|\bat \S+\(\S+\.(java|kt|js|ts):\d+\)",
+    r"```|Traceback \(most recent call last\)|^[^\S\n]*+(def|class|import|from \S++ import|#include|public static|"
+    r"func|fn|SELECT .+ FROM|CREATE TABLE)\b|\b\w++\([^()\n]*+\)\s*+\{|=>|;[^\S\n]*+$|"
+    r"\bat [^\s(]++\([^\s()]+\.(java|kt|js|ts):\d+\)",
     re.MULTILINE,
 )
 _MATH = re.compile(
-    r"\\(frac|int|sum|sqrt|lim|prod)\b|\$[^$\n]*[\\^_=][^$\n]*\$|\b(prove|proof|derivative|integral|integrate|differentiate|"
-    r"eigen\w*|theorem|lemma|induction|solve for|probability that|expected value|variance of)\b|"
-    r"\b[a-z]\s*\^\s*\d|\b\d+\s*[a-z]\s*[+\-]\s*\d+\s*=",
+    r"\\(frac|int|sum|sqrt|lim|prod)\b|\$[^$\n\\^_=]*+[\\^_=][^$\n]*+\$|\b(prove|proof|derivative|integral|"
+    r"integrate|differentiate|eigen\w*|theorem|lemma|induction|solve for|probability that|expected value|variance of)\b|"
+    r"\b[a-z]\s*+\^\s*+\d|\b\d++\s*+[a-z]\s*+[+\-]\s*+\d++\s*+=",
     re.IGNORECASE,
 )
 _REASONING = re.compile(

@@ -47,8 +47,10 @@ class Outcome:
     result: InferenceResult | None = None
 
 
-def _key(request_id: str, attempt: int) -> str:
-    return f"{PREFIX}{request_id}:{attempt}"
+def _key(tenant: str, request_id: str, attempt: int) -> str:
+    # Request ids are the producer's: two tenants may pick the same one, and neither may be answered
+    # with the other's outcome. (A tenant name holds no ':', so the key is unambiguous.)
+    return f"{PREFIX}{tenant}:{request_id}:{attempt}"
 
 
 def _b64(data: bytes | None) -> str | None:
@@ -63,10 +65,10 @@ class Ledger:
         self._ttl_s = ttl_s
         self.degraded = False
 
-    async def get(self, request_id: str, attempt: int) -> Outcome | None:
+    async def get(self, tenant: str, request_id: str, attempt: int) -> Outcome | None:
         """The outcome recorded for this attempt, or None (never run, or Redis unreachable: run it)."""
         try:
-            raw = await self._redis.get(_key(request_id, attempt))
+            raw = await self._redis.get(_key(tenant, request_id, attempt))
         except RedisError as exc:
             log.warning("could not read the outcome of %s: %s; running it", request_id, exc)
             self.degraded = True
@@ -81,14 +83,14 @@ class Ledger:
             final=data["final"],
         )
 
-    async def put(self, request_id: str, attempt: int, outcome: Outcome) -> None:
+    async def put(self, tenant: str, request_id: str, attempt: int, outcome: Outcome) -> None:
         """Record the outcome before it is sent; a failure only costs a re-run if it is redelivered."""
         data = orjson.dumps({
             "final": outcome.final,
             "messages": [{"topic": m.topic, "key": _b64(m.key), "value": _b64(m.value)} for m in outcome.messages],
         })
         try:
-            await self._redis.set(_key(request_id, attempt), data, ex=self._ttl_s)
+            await self._redis.set(_key(tenant, request_id, attempt), data, ex=self._ttl_s)
         except RedisError as exc:
             log.warning("could not record the outcome of %s: %s", request_id, exc)
             self.degraded = True

@@ -169,7 +169,7 @@ class Worker:
             await delivered(outcomes.dead_letter(record, exc.code, str(exc)))
             return
         request = routed.request
-        outcome = await self._ledger.get(request.id, routed.attempt) if self._ledger is not None else None
+        outcome = await self._ledger.get(request.tenant, request.id, routed.attempt) if self._ledger is not None else None
         if outcome is not None:
             # Redelivered after this attempt had ended (its worker died or lost the partition
             # before committing): answer from the record, run nothing, bill nothing new.
@@ -180,7 +180,7 @@ class Worker:
         else:
             outcome = await self._attempt(routed, outcomes)
             if self._ledger is not None:
-                await self._ledger.put(request.id, routed.attempt, outcome)
+                await self._ledger.put(request.tenant, request.id, routed.attempt, outcome)
         await delivered(self._send_all(outcomes, outcome.messages))
         if outcome.notes:
             try:
@@ -333,7 +333,8 @@ class Worker:
                                   "the request's deadline passed before a worker took it")
             return self._stamp(result, routed), cost_record(request, result, attempt=routed.attempt), False
         try:
-            done = await self._engine.run(request, request_id=f"{request.id}:{routed.attempt}",
+            # Unique in the engine even when two tenants chose the same request id.
+            done = await self._engine.run(request, request_id=f"{request.tenant}:{request.id}:{routed.attempt}",
                                           max_tokens=request.sampling.max_tokens,
                                           deadline_ms=request.deadline_unix_ms, on_text=on_text)
         except SwitchyardError as exc:

@@ -132,6 +132,7 @@ def worker(broker, redis_url, topics, policy_file, model_path):
     """One worker process with the real vLLM engine, shared by every test (it takes ~1 min to start)."""
     asyncio.run(ensure_topics(broker, topics.plan(MODELS)))
     proc, lines = start_worker(broker, redis_url, topics, policy_file, model_path)
+    proc.lines = lines  # everything it prints, for tests of what its log may carry
     yield proc
     proc.terminate()
     try:

@@ -419,3 +419,94 @@ async def test_a_request_with_numbers_past_64_bits_does_not_stop_the_router(brok
     assert letter.reason.strip() and letter.reason_code == "undecodable"
     (answer,) = answered()
     assert answer.status == Status.rejected
+
+
+def oversize(base: dict) -> dict[str, tuple[dict, str]]:
+    """A request with one field over its bound, by name: (the message, the field its reason names)."""
+    from schemas.request import MAX_JSON_DEPTH, MAX_KEY_CHARS, MAX_SCHEMA_BYTES, MAX_TOOLS, MAX_TOOLS_BYTES
+
+    deep: dict = {}
+    for _ in range(MAX_JSON_DEPTH + 1):
+        deep = {"type": "object", "properties": {"a": deep}}
+    tool = {"type": "function", "function": {"name": "f", "description": "d"}}
+    prompt = {**base, "prompt": "p"}
+    return {
+        "tenant": ({**prompt, "tenant": "t" * 65}, "tenant"),
+        "route": ({**prompt, "route": "r" * 65}, "route"),
+        "prompt": ({**base, "prompt": "x" * (MAX_TEXT_CHARS + 1)}, "prompt"),
+        "content": ({**base, "messages": [{"role": "user", "content": "x" * (MAX_TEXT_CHARS + 1)}]}, "messages.0.content"),
+        "conversation": ({**base, "messages": [{"role": "user", "content": "x" * (MAX_TEXT_CHARS // 2 + 1)}] * 2},
+                         "the messages hold"),
+        "messages": ({**base, "messages": [{"role": "user", "content": "x"}] * 1025}, "messages"),
+        "stop words": ({**prompt, "sampling": {"stop": ["s"] * 17}}, "sampling.stop"),
+        "stop word": ({**prompt, "sampling": {"stop": ["s" * 257]}}, "sampling.stop.0"),
+        "response_schema": ({**prompt, "response_schema": {"description": "d" * MAX_SCHEMA_BYTES}}, "response_schema"),
+        "response_schema depth": ({**prompt, "response_schema": deep}, "response_schema"),
+        "tools": ({**prompt, "tools": [tool] * (MAX_TOOLS + 1)}, "tools"),
+        "tools size": ({**prompt, "tools": [{**tool, "x": "d" * (MAX_TOOLS_BYTES // 8)}] * 9}, "tools"),
+        "idempotency_key": ({**prompt, "idempotency_key": "k" * (MAX_KEY_CHARS + 1)}, "idempotency_key"),
+        "prefix_key": ({**prompt, "prefix_key": "k" * (MAX_KEY_CHARS + 1)}, "prefix_key"),
+    }
+
+
+async def test_every_field_over_its_bound_is_dead_lettered_with_its_reason_and_answered(broker, topics, router):
+    reply_to = f"fuzz-{uuid.uuid4().hex[:8]}"
+    await kafka.ensure_topics(broker, [topics.reply_spec(reply_to)])
+    await warm(broker, [topics.replies(reply_to)])
+    cases = {}
+    for name, (message, field) in oversize({"tenant": "acme", "route": "chat", "reply_to": reply_to}).items():
+        request_id = uuid.uuid4().hex
+        value = orjson.dumps({"id": request_id, **message})
+        assert len(value) <= MAX_REQUEST_BYTES, f"{name}: the router would refuse it unread, by its size"
+        cases[request_id] = (name, field, value)
+    dead, replies, model = (await tail(broker, topics.dead_letter), await tail(broker, topics.replies(reply_to)),
+                            await tail(broker, topics.model("small")))
+    producer = kafka.producer(broker, max_request_size=4 * 2**20)
+    await producer.start()
+    try:
+        sent = {}
+        for request_id, (_, _, value) in cases.items():
+            meta = await producer.send_and_wait(topics.requests("standard"), value, key=b"chat")
+            sent[(meta.topic, meta.partition, meta.offset)] = request_id
+        ok = canary(reply_to)
+        await producer.send_and_wait(topics.requests("standard"), encode(ok), key=request_key(ok.route))
+        letters: dict[str, DeadLetter] = {}
+        answers: dict[str, InferenceResult] = {}
+        dead_records: list[ConsumerRecord] = []
+        reply_records: list[ConsumerRecord] = []
+
+        def lettered() -> bool:
+            for r in dead_records:
+                if r.value != b"warm-up":
+                    letter = decode(DeadLetter, r.value)
+                    if (where := (letter.source_topic, letter.partition, letter.offset)) in sent:
+                        letters[sent[where]] = letter
+            return letters.keys() >= cases.keys()
+
+        def answered() -> bool:
+            for r in reply_records:
+                if r.value != b"warm-up":
+                    result = decode(InferenceResult, r.value)
+                    answers[result.request_id] = result
+            return answers.keys() >= cases.keys()
+
+        await read_until(dead, dead_records, lettered, WAIT_S)
+        await read_until(replies, reply_records, answered, WAIT_S)
+        routed = await forwarded(model, ok.id, WAIT_S)
+    finally:
+        await producer.stop()
+        for consumer in (dead, replies, model):
+            await consumer.stop()
+    problems = []
+    for request_id, (name, field, value) in cases.items():
+        letter, answer = letters.get(request_id), answers.get(request_id)
+        if letter is None or letter.reason_code != "undecodable" or field not in letter.reason:
+            problems.append(f"{name}: dead letter {letter and (letter.reason_code, letter.reason[:200])}")
+            continue
+        if letter.payload_bytes != len(value):
+            problems.append(f"{name}: the dead letter does not carry the message ({letter.payload_bytes} bytes)")
+        if answer is None or answer.status != Status.rejected or answer.error is None \
+                or answer.error.message != letter.reason:
+            problems.append(f"{name}: reply {answer and (answer.status, answer.error)}")
+    assert not problems, "\n".join(problems)
+    assert routed is not None and routed.request.id == ok.id, "the router stopped routing"

@@ -151,7 +151,7 @@ async def test_a_redelivered_request_is_answered_from_its_record_not_run_again(w
     assert repeat == answer
     redis = Redis.from_url(redis_url)
     try:
-        assert await redis.exists(f"{LEDGER_PREFIX}{request.id}:0")
+        assert await redis.exists(f"{LEDGER_PREFIX}{who}:{request.id}:0")
     finally:
         await redis.aclose()
     books = await wait_for_rows(store, "tenant = {t:String}", 1, {"t": who})

@@ -1,11 +1,13 @@
 """The classifier's fast rules, its training (threshold for a target recall) and its file format."""
 
 import json
+import time
 
 import numpy as np
 import pytest
 
 from schemas import InferenceRequest
+from services.router import classify
 from services.router.classify import HARD, SIMPLE, Classifier, Model, pick_threshold, read_labeled, rules, train
 from services.router.decide import estimate_tokens
 from services.router.embed import conversation_text
@@ -105,3 +107,62 @@ def test_labeled_files_are_read_with_line_numbers_in_errors(tmp_path):
     bad.write_text(json.dumps({"prompt": "hi", "label": "simple"}) + "\n" + json.dumps({"prompt": "x", "label": "meh"}))
     with pytest.raises(ValueError, match=r"bad.jsonl:2: label 'meh'"):
         read_labeled(bad)
+
+
+# Texts that drove the earlier patterns into quadratic (or worse) backtracking: 24,000 newlines took
+# 7.6 s in _CODE, a megabyte far longer than any test would wait.
+ADVERSARIAL = {
+    "newlines": "\n" * 10**6,
+    "indents": " \t\n" * 333_333 + "x",
+    "one word": "a" * 10**6,
+    "digits": "1" * 10**6 + " ",
+    "open call": "a(" + "b" * 10**6,
+    "calls": "a(" * 500_000,
+    "call then spaces": "f(x)" + " " * 10**6,
+    "semicolons": "; " * 500_000 + "x",
+    "stack frame": "at " + "x(" * 500_000,
+    "from": "from " + "x" * 10**6,
+    "select": "SELECT " + "x " * 500_000,
+    "dollar and marks": "$" + "=" * 10**6,
+    "dollars": "$=a" * 333_333,
+    "power": "a " + " " * 10**6 + "x",
+    "equation": "1 a + " * 166_666,
+    "design": "design a " + "x" * 10**6,
+    "greeting": "hi " + "a" * 10**6,
+}
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_each_rule_pattern_reads_a_megabyte_of_adversarial_text_in_well_under_a_second(name):
+    text = ADVERSARIAL[name]
+    for pattern in (classify._CODE, classify._MATH, classify._REASONING):
+        started = time.perf_counter()
+        pattern.search(text)
+        assert time.perf_counter() - started < 1.0, pattern.pattern[:40]
+    started = time.perf_counter()
+    classify._GREETING.match(text)
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_the_rules_decide_on_the_longest_text_they_read_in_milliseconds(name):
+    # Longer inputs are decided by their length before any pattern reads them.
+    longest = (classify.LONG_INPUT_TOKENS - 1) * 4
+    request = InferenceRequest(tenant="t", route="r", reply_to="svc", prompt=ADVERSARIAL[name][:longest])
+    assert estimate_tokens(request) <= classify.LONG_INPUT_TOKENS
+    took_s = []
+    for _ in range(3):  # the best of three: a busy machine's pause is not the pattern's cost
+        started = time.perf_counter()
+        rules(request, request.prompt, estimate_tokens(request))
+        took_s.append(time.perf_counter() - started)
+    assert min(took_s) < 0.005
+
+
+def test_the_linear_patterns_still_find_what_they_are_for():
+    for text in ("x = 1;\n", "  \n\n   import os", "foo(a, b) {", "at com.acme.Foo.bar(Foo.java:42)",
+                 "SELECT id FROM t", "(a, b) => a + b"):
+        assert classify._CODE.search(text), text
+    for text in ("What is $x^2 + 1$?", "solve 3x + 5 = 20", "a ^ 2", r"\frac{1}{2}"):
+        assert classify._MATH.search(text), text
+    for text in ("$5 and $6", "pay at noon (Foo.py:3)", "foo(a) bar {"):
+        assert not (classify._CODE.search(text) or classify._MATH.search(text)), text
