@@ -49,6 +49,12 @@ CONFIDENCE = Histogram(
 REPLAYED = Counter(
     "switchyard_worker_replayed_total", "Redelivered attempts answered from the ledger instead of run again.", ["model"],
 )
+OUTPUT_CHECKS = Counter(
+    "switchyard_worker_output_checks_total",
+    "Answers to requests with a response_schema, by how the JSON check ended: passed, repaired (after one "
+    "retry through the same model) or refused (invalid_output).",
+    ["route", "model", "outcome"],
+)
 IN_FLIGHT = Gauge("switchyard_worker_in_flight", "Requests running on this worker now.", ["model"])
 CAPACITY = Gauge("switchyard_worker_capacity", "Requests this worker runs at once at most.", ["model"])
 ENGINE_BATCH = Histogram(

@@ -22,6 +22,7 @@ from services.worker import metrics
 from services.worker.engine import Backend
 from services.worker.ledger import Ledger, Outcome, Sent
 from services.worker.offsets import OffsetTracker
+from services.worker.output_check import PASSED, REFUSED, check_output
 from shared import kafka
 from shared import metrics as shared_metrics
 from shared import semantic
@@ -332,11 +333,16 @@ class Worker:
             result = error_result(request, Status.expired, "deadline_passed",
                                   "the request's deadline passed before a worker took it")
             return self._stamp(result, routed), cost_record(request, result, attempt=routed.attempt), False
+        # Unique in the engine even when two tenants chose the same request id.
+        engine_id = f"{request.tenant}:{request.id}:{routed.attempt}"
+        check = None
         try:
-            # Unique in the engine even when two tenants chose the same request id.
-            done = await self._engine.run(request, request_id=f"{request.tenant}:{request.id}:{routed.attempt}",
-                                          max_tokens=request.sampling.max_tokens,
+            done = await self._engine.run(request, request_id=engine_id, max_tokens=request.sampling.max_tokens,
                                           deadline_ms=request.deadline_unix_ms, on_text=on_text)
+            if request.response_schema is not None and not done.expired:
+                check = await check_output(self._engine, request, done, request_id=engine_id)
+                done = check.completion
+                metrics.OUTPUT_CHECKS.labels(shared_metrics.route_label(request.route), self.model, check.outcome).inc()
         except SwitchyardError as exc:
             if exc.fatal:
                 raise
@@ -349,11 +355,15 @@ class Worker:
         if done.ttft_ms is not None:
             metrics.TTFT.labels(self.model).observe(done.ttft_ms / 1000)
         metrics.GENERATION.labels(self.model).observe(max(0, finished_ms - taken_ms) / 1000)
+        refused = check is not None and check.outcome == REFUSED
+        stamp = self._stamped(routed)
+        if check is not None and check.outcome != PASSED:
+            stamp["route_reasons"] = [*stamp["route_reasons"], f"output {check.outcome}: {check.reason}"]
         result = InferenceResult(
             request_id=request.id,
             tenant=request.tenant,
             route=request.route,
-            status=Status.expired if done.expired else Status.ok,
+            status=Status.expired if done.expired else Status.failed if refused else Status.ok,
             output=done.text,
             finish_reason=done.finish_reason,
             model=self.model,
@@ -367,12 +377,16 @@ class Worker:
             ),
             confidence=done.confidence,
             error=ErrorInfo(code="deadline_passed", message=(
-                f"the deadline passed during generation; stopped after {done.tokens_out} tokens")) if done.expired else None,
-            **self._stamped(routed),
+                f"the deadline passed during generation; stopped after {done.tokens_out} tokens")) if done.expired
+            else ErrorInfo(code="invalid_output", message=(
+                f"the answer is not JSON of the request's schema, also after one repair: {check.reason}")) if refused
+            else None,
+            **stamp,
         )
-        # What ran is billed, also when the deadline cut it short.
+        # What ran is billed, also when the deadline cut it short or the answer was refused. A refused
+        # answer may go to the next model of the chain, which may well write the JSON asked for.
         cost = routed.price.cost_nano_usd(done.tokens_in, done.tokens_out)
-        return result, cost_record(request, result, cost_nano_usd=cost, attempt=routed.attempt), False
+        return result, cost_record(request, result, cost_nano_usd=cost, attempt=routed.attempt), refused
 
     def _stamped(self, routed: RoutedRequest) -> dict:
         """What every result of this attempt carries from the routing: tier, reasons, the models so far."""

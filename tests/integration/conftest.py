@@ -38,7 +38,7 @@ from shared.semantic import SemanticIndex
 from shared.topics import Topics
 
 ROOT = Path(__file__).resolve().parents[2]
-MODELS = ["small", "large", "big", "flaky"]
+MODELS = ["small", "large", "big", "flaky", "jsonish"]
 WORKER_READY_TIMEOUT_S = 600
 # Headless Chromium on a machine with no way out: no sandbox (tests may run as root), and none of
 # the background connections it would otherwise try at every start.
@@ -58,12 +58,16 @@ version: "test-1"
 unknown_route: reject
 models:
   small: {tier: small, price_in_usd_per_mtok: 0.15, price_out_usd_per_mtok: 0.60, max_context_tokens: 1024,
-          max_error_rate: 0.5}
+          max_error_rate: 0.5, supports_json_schema: true}
   # No worker serves "large": tests read what the router forwards to it off its topic.
   large: {tier: large, price_in_usd_per_mtok: 2.50, price_out_usd_per_mtok: 10.00, max_context_tokens: 1024}
   # Served in-process by tests of hand-offs: "big" answers escalations, "flaky" refuses every call.
-  big: {tier: large, price_in_usd_per_mtok: 2.00, price_out_usd_per_mtok: 8.00, max_context_tokens: 1024}
+  big: {tier: large, price_in_usd_per_mtok: 2.00, price_out_usd_per_mtok: 8.00, max_context_tokens: 1024,
+        supports_json_schema: true}
   flaky: {tier: small, price_in_usd_per_mtok: 0.05, price_out_usd_per_mtok: 0.20, max_context_tokens: 1024}
+  # Served in-process by the output check's tests: a provider whose first JSON is wrong.
+  jsonish: {tier: small, price_in_usd_per_mtok: 0.10, price_out_usd_per_mtok: 0.40, max_context_tokens: 1024,
+            supports_json_schema: true}
 routes:
   chat: {models: [small], max_output_tokens: 16}
   short: {models: [small], max_output_tokens: 4}
@@ -78,6 +82,8 @@ routes:
   large-only: {models: [large], max_output_tokens: 8}
   guarded: {models: [small], max_output_tokens: 8, guardrails: {pii: redact, injection: block}}
   no-personal-data: {models: [small], max_output_tokens: 8, guardrails: {pii: block}}
+  json: {models: [small], max_output_tokens: 8}
+  json-remote: {models: [jsonish], max_output_tokens: 16}
 tenants:
   limited: {requests_per_minute: 2}
 """
