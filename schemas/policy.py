@@ -87,6 +87,17 @@ class GuardrailPolicy(WireModel):
         "'block' answers 'blocked' a request whose user or tool messages try to override the model's "
         "instructions, switch it into an unrestricted mode or extract its system prompt (rules on a "
         "normalised text that undoes homoglyphs, zero-width characters, leetspeak and spaced letters)."))
+    injection_similarity: float | None = Field(default=None, gt=0, le=1, description=(
+        "With injection 'block': also block a text whose all-MiniLM-L6-v2 embedding has this cosine or more "
+        "to a known injection (services/router/data/injections.jsonl); a router without embeddings uses the "
+        "rules alone. Off by default: measured on the bundled examples it adds next to nothing the rules "
+        "miss (scripts/eval_injection), and it costs an embedding per screened text."))
+
+    @model_validator(mode="after")
+    def _similarity_needs_the_screen(self) -> GuardrailPolicy:
+        if self.injection_similarity is not None and self.injection != "block":
+            raise ValueError("injection_similarity needs injection: block")
+        return self
 
     @property
     def active(self) -> bool:

@@ -39,7 +39,7 @@ from shared.errors import InputError, UndecodableMessage
 from shared.memory import Claim, Memory, cache_namespace, content_hash, exact_key, idempotency_key, replay
 from shared.outcomes import Outcomes, cost_record, error_result
 from shared.semantic import SemanticIndex, pack
-from shared.guardrails import redact_pii, screen_injection
+from shared.guardrails import PatternIndex, redact_pii, screen_injection
 from shared.semantic_guard import signature
 from shared.topics import Topics
 
@@ -68,6 +68,7 @@ class Router:
         self._max_batch = max_batch
         self._classifier = classifier or Classifier(None)
         self._embedder = embedder if embedder is not None else self._classifier.embedder
+        self._patterns: PatternIndex | None = None  # known injections, embedded when a route first compares
         # Semantic caches embed with the embedder their route names (without the static one, MiniLM),
         # each in namespaces of its own: (name, embedder) by the policy's name.
         self._cache_embedders = {"minilm": ("minilm", self._embedder),
@@ -281,8 +282,9 @@ class Router:
             # System prompts are the product's own; what users and tools bring is screened.
             screened = [request.prompt] if messages is None else [m.content for m in messages
                                                                   if m.role in ("user", "tool")]
+            similar = self._similarity(rails.injection_similarity)
             for text in screened:
-                screen = screen_injection(text)
+                screen = screen_injection(text, **similar)
                 if screen.blocked:
                     metrics.guardrails(route, "injection", "blocked").inc()
                     p.final = (Status.blocked, "prompt_injection",
@@ -310,6 +312,15 @@ class Router:
                 p.request = request.model_copy(update={"messages": [
                     m.model_copy(update={"content": r.text}) for m, r in zip(messages, redactions)]})
             p.guarded.append(f"guardrail: pii redacted ({kinds})")
+
+    def _similarity(self, threshold: float | None) -> dict:
+        """What screen_injection needs to compare with known injections too: nothing without a
+        threshold or an embedder. The known ones are embedded once, when a route first asks."""
+        if threshold is None or self._embedder is None:
+            return {}
+        if self._patterns is None:
+            self._patterns = PatternIndex.load(embed=self._embedder.embed)
+        return {"embed": self._embedder.embed, "patterns": self._patterns, "threshold": threshold}
 
     async def _duplicate_id(self, outcomes: Outcomes, request: InferenceRequest) -> asyncio.Future:
         # Answered, never booked: a cost record would carry the first request's identity.

@@ -82,6 +82,7 @@ routes:
   large-only: {models: [large], max_output_tokens: 8}
   guarded: {models: [small], max_output_tokens: 8, guardrails: {pii: redact, injection: block}}
   no-personal-data: {models: [small], max_output_tokens: 8, guardrails: {pii: block}}
+  guarded-similar: {models: [small], max_output_tokens: 8, guardrails: {injection: block, injection_similarity: 0.85}}
   json: {models: [small], max_output_tokens: 8}
   json-remote: {models: [jsonish], max_output_tokens: 16}
 tenants:

@@ -68,3 +68,11 @@ def test_not_yaml_and_missing_file_say_so(tmp_path: Path):
         parse("routes: [", "p.yaml")
     with pytest.raises(PolicyError, match="cannot read policy file"):
         load(tmp_path / "missing.yaml")
+
+
+def test_comparing_with_known_injections_needs_the_injection_screen():
+    from schemas.policy import GuardrailPolicy
+
+    assert GuardrailPolicy(injection="block", injection_similarity=0.9).injection_similarity == 0.9
+    with pytest.raises(ValueError, match="injection_similarity needs injection: block"):
+        GuardrailPolicy(injection_similarity=0.9)
