@@ -31,7 +31,15 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--model", required=True)
     worker.add_argument("--model-path", type=Path, help="weights folder (default: <data dir>/models/<model>)")
     worker.add_argument("--max-in-flight", type=int, default=64)
-    sub.add_parser("sink", help="run the cost sink (joins group 'sink')")
+    sub.add_parser("sink", help="run the sink: cost records and quality scores into ClickHouse (joins group 'sink')")
+    sub.add_parser("evaluator", help="score sampled answers against their eval suites, watch for drift (group 'evaluator')")
+
+    quality = sub.add_parser("quality", help="eval suites, quality scores and drift")
+    quality_sub = quality.add_subparsers(dest="quality_command")
+    quality_apply = quality_sub.add_parser("apply", help="validate FILE whole and register its eval suites")
+    quality_apply.add_argument("file", type=Path)
+    quality_show = quality_sub.add_parser("show", help="print the eval suites in force")
+    quality_show.add_argument("--json", action="store_true", help="as JSON instead of YAML")
 
     policy = sub.add_parser("policy", help="the live route policy")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
@@ -129,6 +137,20 @@ def main(argv: list[str] | None = None) -> int:
 
             log.setup("sink")
             lifecycle.run(lambda stop: serve(settings, stop))
+        elif args.command == "evaluator":
+            from services.evaluator.main import serve
+
+            log.setup("evaluator")
+            lifecycle.run(lambda stop: serve(settings, stop))
+        elif args.command == "quality":
+            from services.cli import quality
+
+            if args.quality_command == "apply":
+                return quality.apply(settings, args.file)
+            if args.quality_command == "show":
+                return quality.show(settings, args.json)
+            print("usage: switchyard quality apply FILE | show", file=sys.stderr)
+            return 2
         elif args.command == "policy":
             from services.cli.policy import apply, show
 

@@ -78,6 +78,9 @@ routes:
   large-only: {models: [large], max_output_tokens: 8}
   guarded: {models: [small], max_output_tokens: 8, guardrails: {pii: redact, injection: block}}
   no-personal-data: {models: [small], max_output_tokens: 8, guardrails: {pii: block}}
+  # Eval suites and drift (test_quality.py): answered and judged by provider stubs in-process.
+  graded: {models: [big], max_output_tokens: 8}
+  judging: {models: [flaky], max_output_tokens: 4}
 tenants:
   limited: {requests_per_minute: 2}
 """
