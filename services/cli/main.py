@@ -34,7 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("sink", help="run the sink: cost records and quality scores into ClickHouse (joins group 'sink')")
     sub.add_parser("evaluator", help="score sampled answers against their eval suites, watch for drift (group 'evaluator')")
 
-    quality = sub.add_parser("quality", help="eval suites, quality scores and drift")
+    quality = sub.add_parser("quality", help="quality scores and drift from the books; `quality apply|show`: eval suites")
+    quality.add_argument("--by", default="route,model", help="comma-separated: tenant, route, model, hour (default route,model)")
+    quality.add_argument("--since", default="24h", help="a span back from now (90m, 24h, 7d) or an ISO date/time")
+    quality.add_argument("--until", help="the same forms; default now")
+    quality.add_argument("--tenant", help="only this tenant")
+    quality.add_argument("--route", help="only this route")
+    quality.add_argument("--json", action="store_true", help="as JSON instead of tables")
     quality_sub = quality.add_subparsers(dest="quality_command")
     quality_apply = quality_sub.add_parser("apply", help="validate FILE whole and register its eval suites")
     quality_apply.add_argument("file", type=Path)
@@ -149,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
                 return quality.apply(settings, args.file)
             if args.quality_command == "show":
                 return quality.show(settings, args.json)
-            print("usage: switchyard quality apply FILE | show", file=sys.stderr)
-            return 2
+            from services.cli.quality_report import main as report
+
+            return report(settings, by=args.by, since=args.since, until=args.until, tenant=args.tenant,
+                          route=args.route, as_json=args.json)
         elif args.command == "policy":
             from services.cli.policy import apply, show
 

@@ -109,11 +109,20 @@ class Tracker:
             current = int(now_s // window.length_s)
             for index in [i for i in cells if i < current - window.baseline_windows]:
                 del cells[index]
-            history = [s / n for i, (s, n) in sorted(cells.items())
-                       if current - window.baseline_windows <= i < current and n >= self.min_samples]
-            total, count = cells.get(current, (0.0, 0))
-            value = total / count if count >= self.min_samples else None
-            within = band(history, signal, sigmas=self.sigmas, min_windows=self.min_windows)
-            drifting = value is not None and within is not None and harmful(value, within, signal)
-            out.append(State(route, model, signal, name, value, int(count), within, drifting))
+            value, count, within, drifting = assess(cells, current, window, signal, min_samples=self.min_samples,
+                                                    sigmas=self.sigmas, min_windows=self.min_windows)
+            out.append(State(route, model, signal, name, value, count, within, drifting))
         return out
+
+
+def assess(cells, current: int, window: Window, signal: str, *, min_samples: int = 20, sigmas: float = 3.0,
+           min_windows: int = 3) -> tuple[float | None, int, Band | None, bool]:
+    """One series from its (sum, count) per window index: the current window's mean (None under
+    `min_samples`), its sample count, the band of the earlier windows, and whether it drifts."""
+    history = [total / n for i, (total, n) in sorted(cells.items())
+               if current - window.baseline_windows <= i < current and n >= min_samples]
+    total, count = cells.get(current, (0.0, 0))
+    value = total / count if count >= min_samples else None
+    within = band(history, signal, sigmas=sigmas, min_windows=min_windows)
+    drifting = value is not None and within is not None and harmful(value, within, signal)
+    return value, int(count), within, drifting

@@ -11,7 +11,9 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
@@ -20,7 +22,8 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from schemas import ProviderSpec, Status
-from schemas.quality import EvalSuite
+from schemas.quality import EvalSuite, ScoreRecord
+from services.cli import quality_report
 from services.evaluator.drift import Tracker, Window
 from services.evaluator.service import Evaluator
 from services.worker.provider import ProviderBackend
@@ -205,3 +208,35 @@ async def test_answers_that_degrade_trip_the_drift_signal_within_the_window(grad
     # The judge's requests went through the platform but were never sampled themselves.
     judged = store.query("SELECT count() AS n FROM switchyard.quality_scores FINAL WHERE route = 'judging'")
     assert judged[0]["n"] == 0
+
+
+def scored(who: str, at_s: float, score: float, i: int) -> ScoreRecord:
+    return ScoreRecord(request_id=f"{who}-{at_s}-{i}", created_at_ms=int(at_s * 1000), ts_ms=int(at_s * 1000),
+                       tenant=who, route="reported", model="m1", suite_version="1", score=score, passed=score > 0.5,
+                       checks={"exact": score}, failed=[] if score > 0.5 else ["exact"], latency_ms=500,
+                       confidence=0.8, escalated=False)
+
+
+async def test_the_report_reads_scores_and_drift_from_the_books(store):
+    who = f"r{uuid.uuid4().hex[:8]}"
+    now_s = time.time()
+    hour = (now_s // 3600) * 3600
+    records = [scored(who, hour - h * 3600 + i, 0.9, i) for h in range(1, 6) for i in range(25)]
+    records += [scored(who, hour + i * 0.01, 0.4, i) for i in range(25)]  # this hour: worse
+    store.insert_scores(records)
+    store.insert_scores(records[:10])  # a batch booked twice (the sink died before committing) counts once
+
+    rows = quality_report.scores(store, ["route", "model"], since=datetime.fromtimestamp(hour - 6 * 3600, timezone.utc),
+                                 tenant=who)
+    assert len(rows) == 1 and rows[0]["samples"] == 150
+    assert rows[0]["mean_score"] == pytest.approx((5 * 0.9 + 0.4) / 6, abs=1e-3)
+    assert rows[0]["pass_rate"] == pytest.approx(5 / 6, abs=1e-3)
+
+    drift = quality_report.drift(store, now_s=now_s, tenant=who)
+    state = {(r["signal"], r["window"]): r for r in drift}
+    hourly = state[("score", "hourly")]
+    assert hourly["drifting"] and hourly["value"] == pytest.approx(0.4) and hourly["samples"] == 25
+    assert hourly["baseline_windows"] == 5 and hourly["band_low"] == pytest.approx(0.85, abs=1e-3)
+    assert not state[("latency_ms", "hourly")]["drifting"] and not state[("confidence", "hourly")]["drifting"]
+    text = quality_report.render(rows, drift, ["route", "model"])
+    assert "DRIFTING" in text and "reported" in text

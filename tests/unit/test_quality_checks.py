@@ -163,3 +163,15 @@ def test_a_tenants_own_suite_comes_before_the_routes_suite_for_everyone():
     assert suite_for(suites, "acme", "chat") is own
     assert suite_for(suites, "globex", "chat") is everyone
     assert suite_for(suites, "acme", "faq") is None
+
+
+def test_the_example_suites_load_and_name_routes_of_the_local_policy():
+    from pathlib import Path
+
+    from services.router.policy import load as load_policy
+    from shared.suites import load
+
+    root = Path(__file__).resolve().parents[2]
+    suites = load(root / "deploy" / "local" / "suites.yaml")
+    routes = load_policy(root / "deploy" / "local" / "policy.yaml").routes
+    assert suites.suites and all(s.route in routes for s in suites.suites)
