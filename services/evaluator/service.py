@@ -142,8 +142,8 @@ class Evaluator:
         for state in states:
             labels = (shared_metrics.route_label(state.route), state.model, state.signal, state.window)
             key = (state.route, state.model, state.signal, state.window)
-            if state.value is not None:
-                metrics.SIGNAL.labels(*labels).set(state.value)
+            # NaN until the window has its samples: a gap on the dashboard, not the last window's value.
+            metrics.SIGNAL.labels(*labels).set(state.value if state.value is not None else float("nan"))
             if state.band is not None:
                 metrics.BAND_LOW.labels(*labels).set(state.band.low)
                 metrics.BAND_HIGH.labels(*labels).set(state.band.high)
