@@ -53,7 +53,7 @@ class Evaluator:
         self.drifting: set[tuple[str, str, str, str]] = set()  # (route, model, signal, window) out of band now
 
     async def run(self, stop: asyncio.Event) -> None:
-        rebuilt = await self._rebuild()
+        rebuilt = await self.rebuild()
         async with kafka.consuming(self._bootstrap, [self._topics.samples], group_id=self._group_id) as (
             consumer, producer
         ):
@@ -113,7 +113,7 @@ class Evaluator:
             metrics.SCORED.labels(route, model, "unscored").inc()
         return score
 
-    async def _rebuild(self) -> int:
+    async def rebuild(self) -> int:
         """Feed the tracker every score still on the scores topic; how many."""
         consumer = kafka.consumer(self._bootstrap, group_id=None)
         await consumer.start()

@@ -200,11 +200,18 @@ async def test_answers_that_degrade_trip_the_drift_signal_within_the_window(grad
     while ("graded", "big", "score", "hourly") not in evaluator.drifting and loop.time() - degraded < 10:
         await ask(client, who, 3)
         await asyncio.sleep(0.1)
-    tripped_after_s = loop.time() - degraded
+    tripped_after_s, tripped_at_s = loop.time() - degraded, time.time()
     assert ("graded", "big", "score", "hourly") in evaluator.drifting
     assert tripped_after_s < 2 * 2.0 + 1  # within the window it degraded in, or the next one
     assert REGISTRY.get_sample_value("switchyard_quality_drifting", labels) == 1
     assert REGISTRY.get_sample_value("switchyard_quality_drift_events_total", labels) >= 1
+    # A restarted evaluator rebuilds its baselines from the scores topic and sees the same drift.
+    await asyncio.sleep(1)  # the scores of the last round on their way
+    again = Evaluator(bootstrap=evaluator._bootstrap, topics=evaluator._topics, suites=evaluator._suites,
+                      tracker=Tracker((Window("hourly", 2.0, 10),), min_samples=4, min_windows=3))
+    assert await again.rebuild() >= evaluator.scored
+    rebuilt = [s for s in again.tracker.states(tripped_at_s) if (s.route, s.model, s.signal) == ("graded", "big", "score")]
+    assert rebuilt and rebuilt[0].drifting and rebuilt[0].band.windows >= 3
     # The judge's requests went through the platform but were never sampled themselves.
     judged = store.query("SELECT count() AS n FROM switchyard.quality_scores FINAL WHERE route = 'judging'")
     assert judged[0]["n"] == 0
