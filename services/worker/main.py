@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from schemas.quality import EvalSuite
 from services.router.policy import load
 from services.worker.engine import Engine, EngineConfig
 from services.worker.provider import ProviderBackend
 from services.worker.sampling import Sampler
 from services.worker.service import Worker
-from schemas.quality import EvalSuite
-from shared.feed import CompactedFeed
 from shared import metrics
+from shared.feed import CompactedFeed
 from shared.errors import ConfigError
 from shared.kafka import wait_for_broker
 from shared.redis_conn import connect
