@@ -7,6 +7,7 @@ within its window."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -156,8 +157,15 @@ async def wait_for_scores(store, who: str, expected: int, timeout_s: float = 60)
         await asyncio.sleep(0.2)
 
 
-async def test_sampled_answers_are_scored_and_booked_without_their_text(graded, router, sink, client, store):
+async def test_sampled_answers_are_scored_and_booked_without_their_text(graded, router, sink, client, store, broker,
+                                                                       topics):
     stub, evaluator, who = graded
+    env = dict(os.environ, SWITCHYARD_BOOTSTRAP=broker, SWITCHYARD_TOPIC_PREFIX=topics.prefix)
+    shown = subprocess.run([sys.executable, "-m", "services.cli.main", "quality", "show", "--json"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert {"tenant": who, "route": "graded"}.items() <= next(
+        s for s in json.loads(shown.stdout)["suites"] if s["tenant"] == who).items()
     await ask(client, who, 6)
     rows = await wait_for_scores(store, who, 6)
     assert len(rows) == 6
