@@ -85,7 +85,9 @@ suites:
 @pytest.fixture
 async def graded(broker, topics, redis_url, embedder, tmp_path):
     """Provider workers for the graded route (model big, with a sampler) and the judge (model flaky),
-    and an evaluator with 2-second windows; yields (the answering stub, the evaluator, the tenant)."""
+    and an evaluator with 2-second windows judged against the 4 before them (8 s: shorter than a test's
+    good phase, so an earlier test's scores on the same route never make its baseline); yields (the
+    answering stub, the evaluator, the tenant)."""
     redis = Redis.from_url(redis_url)
     servers, stops, tasks, closers = [], [], [], []
     worker_suites = CompactedFeed(broker, topics.suites, EvalSuite)
@@ -107,7 +109,7 @@ async def graded(broker, topics, redis_url, embedder, tmp_path):
     await judge_client.start()
     evaluator = Evaluator(bootstrap=broker, topics=topics, suites=evaluator_suites, embed=embedder.embed,
                           judge_client=judge_client, drift_interval_s=0.2,
-                          tracker=Tracker((Window("hourly", 2.0, 10),), min_samples=4, min_windows=3))
+                          tracker=Tracker((Window("hourly", 2.0, 4),), min_samples=4, min_windows=3))
     stop = asyncio.Event()
     stops.append(stop)
     tasks.append(asyncio.create_task(evaluator.run(stop)))
@@ -216,7 +218,7 @@ async def test_answers_that_degrade_trip_the_drift_signal_within_the_window(grad
     # A restarted evaluator rebuilds its baselines from the scores topic and sees the same drift.
     await asyncio.sleep(1)  # the scores of the last round on their way
     again = Evaluator(bootstrap=evaluator._bootstrap, topics=evaluator._topics, suites=evaluator._suites,
-                      tracker=Tracker((Window("hourly", 2.0, 10),), min_samples=4, min_windows=3))
+                      tracker=Tracker((Window("hourly", 2.0, 4),), min_samples=4, min_windows=3))
     assert await again.rebuild() >= evaluator.scored
     rebuilt = [s for s in again.tracker.states(tripped_at_s) if (s.route, s.model, s.signal) == ("graded", "big", "score")]
     assert rebuilt and rebuilt[0].drifting and rebuilt[0].band.windows >= 3
