@@ -4,6 +4,7 @@ from schemas._base import SCHEMA_VERSION
 from schemas.batch import BadLine, BatchJob
 from schemas.cost import CostRecord
 from schemas.health import ModelHealth
+from schemas.quality import EvalSuite, Sample, ScoreRecord, SuiteFile
 from schemas.policy import CachePolicy, GuardrailPolicy, ModelPrice, ModelSpec, PolicySet, ProviderSpec, RoutePolicy, TenantLimits
 from schemas.request import ChatMessage, InferenceRequest, Priority, Sampling, new_request_id, now_ms
 from schemas.result import CacheHit, ErrorInfo, InferenceResult, Latency, Status, StreamDelta
@@ -11,7 +12,7 @@ from schemas.routed import ConfidenceCheck, DeadLetter, Hop, Memo, RoutedRequest
 
 # Each of these is exported as schemas/json/<Name>.schema.json for producers in other languages.
 EXPORTED = (InferenceRequest, InferenceResult, CostRecord, RoutePolicy, PolicySet, RoutedRequest, DeadLetter,
-            ModelHealth, StreamDelta, ConfidenceCheck, BatchJob)
+            ModelHealth, StreamDelta, ConfidenceCheck, BatchJob, EvalSuite, SuiteFile, Sample, ScoreRecord)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -26,6 +27,7 @@ __all__ = [
     "CostRecord",
     "DeadLetter",
     "ErrorInfo",
+    "EvalSuite",
     "Hop",
     "InferenceRequest",
     "InferenceResult",
@@ -39,9 +41,12 @@ __all__ = [
     "Priority",
     "RoutePolicy",
     "RoutedRequest",
+    "Sample",
     "Sampling",
+    "ScoreRecord",
     "Status",
     "StreamDelta",
+    "SuiteFile",
     "TenantLimits",
     "new_request_id",
     "now_ms",

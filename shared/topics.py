@@ -17,6 +17,11 @@ POLICY_PARTITIONS = 1
 HEALTH_PARTITIONS = 1
 ESCALATION_PARTITIONS = 1
 BATCH_PARTITIONS = 1
+SUITE_PARTITIONS = 1
+SAMPLE_PARTITIONS = 6
+SCORE_PARTITIONS = 3
+SAMPLE_RETENTION_S = 6 * 3600
+SCORE_RETENTION_S = 8 * 86400  # the evaluator rebuilds a week of daily baselines from it at start
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,18 @@ class Topics:
     def escalations(self) -> str:
         return f"{self.prefix}.escalations"
 
+    @property
+    def suites(self) -> str:
+        return f"{self.prefix}.suites"
+
+    @property
+    def samples(self) -> str:
+        return f"{self.prefix}.samples"
+
+    @property
+    def scores(self) -> str:
+        return f"{self.prefix}.scores"
+
     def plan(self, models: list[str], partitions: Mapping[str, int] | None = None) -> list[TopicSpec]:
         """The topics a deployment serving `models` needs, with their partition counts: the
         defaults, or `partitions` by priority (interactive, standard, batch) or model name."""
@@ -95,6 +112,12 @@ class Topics:
             TopicSpec(self.escalations, ESCALATION_PARTITIONS, {"retention.ms": str(30 * 86400 * 1000)}),
             # Batch jobs' progress, one record per job id: compacted, so each job's latest stays.
             TopicSpec(self.batches, BATCH_PARTITIONS, {"cleanup.policy": "compact"}),
+            # Eval suites, one record per tenant and route: compacted, like the policy.
+            TopicSpec(self.suites, SUITE_PARTITIONS, {"cleanup.policy": "compact"}),
+            # Sampled outputs hold content: kept only as long as the evaluator may lag.
+            TopicSpec(self.samples, SAMPLE_PARTITIONS, {"retention.ms": str(SAMPLE_RETENTION_S * 1000)}),
+            # Scores (numbers, no text), for the books and the evaluator's baselines.
+            TopicSpec(self.scores, SCORE_PARTITIONS, {"retention.ms": str(SCORE_RETENTION_S * 1000)}),
         ]
 
     def reply_spec(self, reply_to: str) -> TopicSpec:
@@ -114,5 +137,12 @@ def reply_key(request_id: str) -> bytes:
 
 
 cost_key = reply_key
+sample_key = reply_key
+score_key = reply_key
+
+
+def suite_key(tenant: str, route: str) -> bytes:
+    """One record per tenant and route on the compacted suites topic: a new version replaces the last."""
+    return f"{tenant}/{route}".encode()
 
 POLICY_KEY = b"policy"

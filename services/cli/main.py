@@ -32,7 +32,21 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--model", required=True)
     worker.add_argument("--model-path", type=Path, help="weights folder (default: <data dir>/models/<model>)")
     worker.add_argument("--max-in-flight", type=int, default=64)
-    sub.add_parser("sink", help="run the cost sink (joins group 'sink')")
+    sub.add_parser("sink", help="run the sink: cost records and quality scores into ClickHouse (joins group 'sink')")
+    sub.add_parser("evaluator", help="score sampled answers against their eval suites, watch for drift (group 'evaluator')")
+
+    quality = sub.add_parser("quality", help="quality scores and drift from the books; `quality apply|show`: eval suites")
+    quality.add_argument("--by", default="route,model", help="comma-separated: tenant, route, model, hour (default route,model)")
+    quality.add_argument("--since", default="24h", help="a span back from now (90m, 24h, 7d) or an ISO date/time")
+    quality.add_argument("--until", help="the same forms; default now")
+    quality.add_argument("--tenant", help="only this tenant")
+    quality.add_argument("--route", help="only this route")
+    quality.add_argument("--json", action="store_true", help="as JSON instead of tables")
+    quality_sub = quality.add_subparsers(dest="quality_command")
+    quality_apply = quality_sub.add_parser("apply", help="validate FILE whole and register its eval suites")
+    quality_apply.add_argument("file", type=Path)
+    quality_show = quality_sub.add_parser("show", help="print the eval suites in force")
+    quality_show.add_argument("--json", action="store_true", help="as JSON instead of YAML")
 
     policy = sub.add_parser("policy", help="the live route policy")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
@@ -136,6 +150,22 @@ def main(argv: list[str] | None = None) -> int:
 
             log.setup("sink")
             lifecycle.run(lambda stop: serve(settings, stop))
+        elif args.command == "evaluator":
+            from services.evaluator.main import serve
+
+            log.setup("evaluator")
+            lifecycle.run(lambda stop: serve(settings, stop))
+        elif args.command == "quality":
+            from services.cli import quality
+
+            if args.quality_command == "apply":
+                return quality.apply(settings, args.file)
+            if args.quality_command == "show":
+                return quality.show(settings, args.json)
+            from services.cli.quality_report import main as report
+
+            return report(settings, by=args.by, since=args.since, until=args.until, tenant=args.tenant,
+                          route=args.route, as_json=args.json)
         elif args.command == "policy":
             from services.cli.policy import apply, show
 

@@ -8,7 +8,8 @@ from prometheus_client import Counter, Histogram
 from shared.metrics import COUNT_BUCKETS
 
 RECORDS = Counter(
-    "switchyard_sink_records_total", "Cost records the sink took: inserted into the books, or dead-lettered.",
+    "switchyard_sink_records_total",
+    "Records the sink took (cost records and quality scores): inserted into the books, or dead-lettered.",
     ["outcome"],
 )
 BATCH_ROWS = Histogram("switchyard_sink_batch_rows", "Rows per insert into ClickHouse.", buckets=COUNT_BUCKETS)

@@ -1,4 +1,5 @@
-"""The sink: cost records from the costs topic into ClickHouse, in batches.
+"""The sink: cost records from the costs topic, and quality scores from the scores topic, into
+ClickHouse, in batches.
 
 The order is what makes the books exact: (1) insert the batch, (2) commit its offsets.
 If the sink dies after (1) and before (2), the batch is read and inserted again; the table
@@ -21,8 +22,9 @@ from aiokafka.structs import ConsumerRecord
 from pydantic import ValidationError
 
 from schemas import CostRecord
+from schemas.quality import ScoreRecord
 from services.sink import metrics
-from services.sink.store import CostStore, rows_json
+from services.sink.store import CostStore
 from shared import kafka
 from shared import metrics as shared_metrics
 from shared.codec import decode
@@ -44,17 +46,19 @@ class Sink:
         self._group_id = group_id
         self._final_drain_s = final_drain_s
         self._fetched = shared_metrics.CONSUMER_BATCH.labels(group_id)
+        self._kinds = {topics.costs: CostRecord, topics.scores: ScoreRecord}
         # What this sink has done: records booked, and when it took its first and booked its last.
         self.booked = 0
+        self.scored = 0
         self.first_taken_at: float | None = None
         self.last_booked_at: float | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with kafka.consuming(self._bootstrap, [self._topics.costs], group_id=self._group_id) as (
+        async with kafka.consuming(self._bootstrap, list(self._kinds), group_id=self._group_id) as (
             consumer, producer
         ):
             log.info("sink consuming %s into ClickHouse (batches of up to %d rows or %.1f s)",
-                     self._topics.costs, self._max_batch_rows, self._flush_interval_s)
+                     " and ".join(self._kinds), self._max_batch_rows, self._flush_interval_s)
             lag = asyncio.create_task(shared_metrics.track_lag(consumer, self._group_id, stop))
             try:
                 await self._consume(consumer, Outcomes(producer, self._topics), stop)
@@ -63,7 +67,7 @@ class Sink:
                 await asyncio.gather(lag, return_exceptions=True)
 
     async def _consume(self, consumer, outcomes: Outcomes, stop: asyncio.Event) -> None:
-        pending: list[tuple[ConsumerRecord, CostRecord]] = []
+        pending: list[tuple[ConsumerRecord, CostRecord | ScoreRecord]] = []
         offsets: dict = {}
         first_buffered = None
         drain_until = None
@@ -82,7 +86,7 @@ class Sink:
             for tp, records in batch.items():
                 for record in records:
                     try:
-                        pending.append((record, _validate(record.value)))
+                        pending.append((record, _validate(self._kinds[record.topic], record.value)))
                     except UndecodableMessage as exc:
                         metrics.RECORDS.labels("dead_lettered").inc()
                         await delivered(outcomes.dead_letter(record, exc.code, str(exc)))
@@ -96,32 +100,44 @@ class Sink:
         if offsets:
             await self._flush(consumer, pending, offsets, outcomes)
 
-    async def _flush(self, consumer, pending: list[tuple[ConsumerRecord, CostRecord]], offsets: dict,
+    async def _flush(self, consumer, pending: list[tuple[ConsumerRecord, CostRecord | ScoreRecord]], offsets: dict,
                      outcomes: Outcomes) -> None:
         # (1) insert, (2) commit: see the module docstring.
         rows = [row for _, row in pending]
         started = time.perf_counter()
         try:
-            await asyncio.to_thread(self._store.insert_json, rows_json(rows))
+            await asyncio.to_thread(self._insert, rows)
         except Exception as exc:  # clickhouse-connect raises several types for one bad row
             rows = await self._insert_one_by_one(pending, exc, outcomes)
         if rows:
             metrics.INSERT_SECONDS.observe(time.perf_counter() - started)
             metrics.BATCH_ROWS.observe(len(rows))
         await kafka.commit(consumer, offsets)
-        self.booked += len(rows)
+        costs = [row for row in rows if isinstance(row, CostRecord)]
+        self.booked += len(costs)
+        self.scored += len(rows) - len(costs)
         self.last_booked_at = time.monotonic()
-        _count(rows)
-        log.debug("inserted %d cost records", len(rows))
+        metrics.RECORDS.labels("inserted").inc(len(rows))
+        _count(costs)
+        log.debug("inserted %d cost records and %d scores", len(costs), len(rows) - len(costs))
 
-    async def _insert_one_by_one(self, pending, batch_error: Exception, outcomes: Outcomes) -> list[CostRecord]:
+    def _insert(self, rows: list[CostRecord | ScoreRecord]) -> None:
+        costs = [row for row in rows if isinstance(row, CostRecord)]
+        scores = [row for row in rows if isinstance(row, ScoreRecord)]
+        if costs:
+            self._store.insert(costs)
+        if scores:
+            self._store.insert_scores(scores)
+
+    async def _insert_one_by_one(self, pending, batch_error: Exception,
+                                 outcomes: Outcomes) -> list[CostRecord | ScoreRecord]:
         """Find the rows ClickHouse refuses and dead-letter them, so one bad row cannot stop the books;
         the rows inserted. If every row fails, ClickHouse itself is the problem: raise, commit
         nothing, retry on restart."""
         refused, inserted = [], []
         for record, row in pending:
             try:
-                await asyncio.to_thread(self._store.insert, [row])
+                await asyncio.to_thread(self._insert, [row])
                 inserted.append(row)
             except Exception as exc:
                 refused.append((record, exc))
@@ -133,20 +149,19 @@ class Sink:
         return inserted
 
 
-def _validate(value: bytes | None) -> CostRecord:
+def _validate(kind: type[CostRecord] | type[ScoreRecord], value: bytes | None) -> CostRecord | ScoreRecord:
     """The record, validated; UndecodableMessage saying what is wrong otherwise."""
     try:
-        return CostRecord.model_validate_json(value)
+        return kind.model_validate_json(value)
     except (ValidationError, TypeError, ValueError):
         # The way every service decodes: it says what is wrong (UndecodableMessage) the same way.
-        return decode(CostRecord, value)
+        return decode(kind, value)
 
 
 def _count(rows: list[CostRecord]) -> None:
     """The booked-spend metrics for one batch: summed per label set first, so a batch of 10,000
     rows costs a few dozen metric updates, not 10,000. A batch read again after a crash counts
     again here (the books do not)."""
-    metrics.RECORDS.labels("inserted").inc(len(rows))
     cost: Counter = Counter()
     tokens: Counter = Counter()
     booked: Counter = Counter()

@@ -1,11 +1,14 @@
-"""The cost books in ClickHouse: one DDL and one set of views for chDB and for servers, through clickhouse-connect."""
+"""The books in ClickHouse: cost records and quality scores, one DDL and one set of views for chDB and
+for servers, through clickhouse-connect."""
 
 from __future__ import annotations
 
 import logging
 import clickhouse_connect
+from pydantic import BaseModel
 
 from schemas import CostRecord
+from schemas.quality import ScoreRecord
 from shared.errors import ConfigError, DependencyUnavailable
 from shared.settings import masked, scrubbed
 
@@ -13,12 +16,20 @@ log = logging.getLogger(__name__)
 
 DATABASE = "switchyard"
 TABLE = f"{DATABASE}.cost_records"
+SCORES_TABLE = f"{DATABASE}.quality_scores"
 
 # The columns a batch names, in the cost record's own field names: ts_ms is an EPHEMERAL column
 # that `ts` is computed from, so the records' JSON goes in as it is (JSONEachRow), parsed by ClickHouse.
 COLUMNS = [
     "request_id", "attempt", "ts_ms", "tenant", "route", "model", "priority", "status", "cache_hit",
     "tokens_in", "tokens_out", "cached_tokens", "cost_nano_usd", "latency_ms", "ttft_ms",
+]
+
+# The columns of a score record (schemas.quality.ScoreRecord); created_at_ms is EPHEMERAL, like ts_ms above:
+# a score is booked in the hour its request was made, the same hour on every re-run.
+SCORE_COLUMNS = [
+    "request_id", "created_at_ms", "tenant", "route", "model", "suite_version", "score", "passed", "checks",
+    "failed", "errors", "latency_ms", "confidence", "escalated",
 ]
 
 # ReplacingMergeTree keyed on the whole record identity: a batch inserted twice (the sink died
@@ -120,6 +131,45 @@ DDL = [
     )
     GROUP BY hour, route
     """,
+    # Quality scores of sampled answers: numbers only, never text. One row per request (a sample
+    # scored twice, after a crash, collapses like a cost record).
+    f"""
+    CREATE TABLE IF NOT EXISTS {SCORES_TABLE} (
+        request_id String,
+        created_at_ms Int64 EPHEMERAL,
+        ts DateTime64(3, 'UTC') DEFAULT fromUnixTimestamp64Milli(created_at_ms, 'UTC'),
+        tenant LowCardinality(String),
+        route LowCardinality(String),
+        model LowCardinality(String),
+        suite_version LowCardinality(String),
+        score Float32,
+        passed Bool,
+        checks Map(LowCardinality(String), Float32),
+        failed Array(LowCardinality(String)),
+        errors Array(LowCardinality(String)),
+        latency_ms UInt32,
+        confidence Nullable(Float32),
+        escalated Bool
+    )
+    ENGINE = ReplacingMergeTree
+    PARTITION BY toYYYYMM(ts)
+    ORDER BY (tenant, route, model, toStartOfHour(ts), request_id)
+    """,
+    # The drift signals by hour (services/evaluator/drift.py compares each against its trailing baseline).
+    f"""
+    CREATE VIEW IF NOT EXISTS {DATABASE}.quality_by_hour AS
+    SELECT
+        toStartOfHour(ts) AS hour, tenant, route, model,
+        count() AS samples,
+        avg(score) AS mean_score,
+        avg(passed) AS pass_rate,
+        avg(latency_ms) AS mean_latency_ms,
+        quantile(0.95)(latency_ms) AS p95_latency_ms,
+        avg(escalated) AS escalation_rate,
+        avg(confidence) AS mean_confidence
+    FROM {SCORES_TABLE} FINAL
+    GROUP BY hour, tenant, route, model
+    """,
 ]
 
 
@@ -135,8 +185,8 @@ FINAL_SETTINGS = {"do_not_merge_across_partitions_select_final": 1}
 INSERT_SETTINGS = {"input_format_skip_unknown_fields": 1}
 
 
-def rows_json(records: list[CostRecord]) -> bytes:
-    """Cost records as JSONEachRow, canonical (what pydantic validated, written back out)."""
+def rows_json(records: list[BaseModel]) -> bytes:
+    """Cost or score records as JSONEachRow, canonical (what pydantic validated, written back out)."""
     return b"\n".join(r.model_dump_json().encode() for r in records)
 
 
@@ -176,6 +226,11 @@ class CostStore:
         """Insert cost records given as JSONEachRow (validated CostRecords, one per line)."""
         if rows:
             self._client.raw_insert(TABLE, COLUMNS, rows, fmt="JSONEachRow", settings=INSERT_SETTINGS)
+
+    def insert_scores(self, records: list[ScoreRecord]) -> None:
+        if records:
+            self._client.raw_insert(SCORES_TABLE, SCORE_COLUMNS, rows_json(records), fmt="JSONEachRow",
+                                    settings=INSERT_SETTINGS)
 
     def query(self, sql: str, parameters: dict | None = None, settings: dict | None = None) -> list[dict]:
         result = self._client.query(sql, parameters=parameters, settings=settings)

@@ -1,10 +1,12 @@
 """`switchyard up`: the whole platform on one machine.
 
 Starts what is not configured (Tansu broker, redis-server), creates the topics, then runs the
-sink, the router and one worker per model as child processes with prefixed logs. Children
+sink, the router, the evaluator, the gateway and one worker per model as child processes with
+prefixed logs. Children
 live in their own sessions so that Ctrl-C reaches only the supervisor, which stops them in
-the order that loses nothing: router and workers first (they drain what is in flight), then
-the sink (it flushes the last cost records), then Redis and the broker.
+the order that loses nothing: router and workers first (they drain what is in flight), then the
+evaluator (it scores the last samples), then the sink (it flushes the last cost records and
+scores), then Redis and the broker.
 
 A child that dies is restarted, as a container runtime would, after a back-off that doubles
 with each recent restart; Kafka redelivers what it had not committed. A child that keeps
@@ -203,13 +205,14 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
         # Each child serves its metrics on a port of its own: SWITCHYARD_METRICS_PORT and up, or
         # free ones the kernel picks.
         base = settings.metrics_port
-        ports = iter(range(base, base + 3 + len(models)) if base else [])
+        ports = iter(range(base, base + 4 + len(models)) if base else [])
 
         def port() -> int:
             return next(ports, None) or infra.free_port()
 
         children.append(_Child("sink", me + ["sink"], env, port()))
         children.append(_Child("router", me + ["router"], env, port()))
+        children.append(_Child("evaluator", me + ["evaluator"], env, port()))
         gateway_keys = settings.gateway_keys or LOCAL_GATEWAY_KEYS
         gateway_port = infra.free_port(settings.gateway_port)
         children.append(_Child("gateway", me + ["gateway", "--host", "127.0.0.1", "--port", str(gateway_port)],
@@ -255,7 +258,8 @@ def up(settings: Settings, models: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         # Front to back: nothing new enters, what is in flight finishes, its costs are booked.
-        for group in (("gateway", "router"), tuple(c.name for c in children if c.name.startswith("worker.")), ("sink",)):
+        for group in (("gateway", "router"), tuple(c.name for c in children if c.name.startswith("worker.")),
+                      ("evaluator",), ("sink",)):
             batch = [c for c in children if c.name in group]
             for child in batch:
                 if child.proc.poll() is None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from schemas.quality import EvalSuite
 from services.router.policy import load
 from services.worker.engine import Engine, EngineConfig
 from services.worker.provider import ProviderBackend
+from services.worker.sampling import Sampler
 from services.worker.service import Worker
 from shared import metrics
+from shared.feed import CompactedFeed
 from shared.errors import ConfigError
 from shared.kafka import wait_for_broker
 from shared.redis_conn import connect
@@ -36,11 +39,15 @@ async def serve(settings: Settings, stop: asyncio.Event, *, model: str, model_pa
         path = model_path or settings.models_dir / model
         backend = Engine.start(EngineConfig(model_path=path, max_model_len=spec.max_context_tokens,
                                             max_num_seqs=max_in_flight, name=model))
+    # The eval suites say which answers to sample for scoring (services/worker/sampling.py).
+    suites = CompactedFeed(settings.bootstrap, settings.topics.suites, EvalSuite)
     try:
+        await suites.start()
         worker = Worker(model=model, engine=backend, bootstrap=settings.bootstrap, topics=settings.topics,
-                        max_in_flight=max_in_flight, redis=redis)
+                        max_in_flight=max_in_flight, redis=redis, sampler=Sampler(suites, settings.topics))
         await worker.run(stop)
     finally:
+        await suites.stop()
         if isinstance(backend, ProviderBackend):
             await backend.aclose()
         else:

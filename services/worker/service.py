@@ -23,6 +23,7 @@ from services.worker.engine import Backend
 from services.worker.ledger import Ledger, Outcome, Sent
 from services.worker.offsets import OffsetTracker
 from services.worker.output_check import PASSED, REFUSED, check_output
+from services.worker.sampling import Sampler
 from shared import kafka
 from shared import metrics as shared_metrics
 from shared import semantic
@@ -46,8 +47,9 @@ class Worker:
 
     def __init__(self, *, model: str, engine: Backend, bootstrap: str, topics: Topics,
                  max_in_flight: int = 64, commit_interval_s: float = 0.5, drain_grace_s: float = 30.0,
-                 redis: Redis | None = None):
+                 redis: Redis | None = None, sampler: Sampler | None = None):
         self.model = model
+        self._sampler = sampler
         self._redis = redis
         self._memory = Memory(redis) if redis is not None else None
         self._ledger = Ledger(redis) if redis is not None else None
@@ -83,6 +85,8 @@ class Worker:
                      self.model, self._topics.model(self.model), self._max_in_flight)
             side = [asyncio.create_task(self._report_health(producer, stop)),
                     asyncio.create_task(shared_metrics.track_lag(consumer, group, stop))]
+            if self._sampler is not None:
+                side.append(asyncio.create_task(self._sampler.feed.follow(None, stop)))
             try:
                 await self._consume(consumer, Outcomes(producer, self._topics), stop)
             finally:
@@ -205,10 +209,11 @@ class Worker:
         check = self._confidence_check(routed, result, escalated=hop is not None and not moves_on)
         self._count(routed, result, cost, hop, moves_on, checked=bool(check))
         if hop is None:
+            sampled = self._sampler.notes(routed, result, self.model) if self._sampler is not None else ()
             return Outcome(final=True, messages=[
                 Sent(self._topics.replies(request.reply_to), reply_key(request.id), encode(result)),
                 Sent(self._topics.costs, cost_key(request.id), encode(cost)),
-            ], notes=check, result=result)
+            ], notes=check + sampled, result=result)
         index = routed.fallbacks.index(hop)
         onward = routed.model_copy(update={
             "model": hop.model, "price": hop.price, "rank": hop.rank, "attempt": routed.attempt + 1,

@@ -85,6 +85,9 @@ routes:
   guarded-similar: {models: [small], max_output_tokens: 8, guardrails: {injection: block, injection_similarity: 0.85}}
   json: {models: [small], max_output_tokens: 8}
   json-remote: {models: [jsonish], max_output_tokens: 16}
+  # Eval suites and drift (test_quality.py): answered and judged by provider stubs in-process.
+  graded: {models: [big], max_output_tokens: 8}
+  judging: {models: [flaky], max_output_tokens: 4}
 tenants:
   limited: {requests_per_minute: 2}
 """

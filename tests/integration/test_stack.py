@@ -48,7 +48,7 @@ def _count_books(dsn: str) -> int:
 
 async def _check_metrics(targets: dict[str, str]) -> None:
     """Every child serves Prometheus metrics, and they say what just happened."""
-    assert set(targets) == {"router", "gateway", "sink", "worker.small"}
+    assert set(targets) == {"router", "gateway", "sink", "evaluator", "worker.small"}
     want = {  # (sample, labels it must have): the least it must count
         "router": [("switchyard_router_requests_total", {"route": "chat", "outcome": "routed"}, 5),
                    ("switchyard_router_queue_wait_seconds_count", {}, 5)],
@@ -137,7 +137,8 @@ async def test_up_serves_requests_and_ctrl_c_stops_every_child(tmp_path, model_p
         # The whole tree, vLLM's engine processes included, now that the engine is up.
         tree = psutil.Process(proc.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in tree)
-        for part in ("tansu", "redis-server", " router", " sink", " gateway", "worker --model small", "VLLM::EngineCore"):
+        for part in ("tansu", "redis-server", " router", " sink", " evaluator", " gateway", "worker --model small",
+                     "VLLM::EngineCore"):
             assert part in names, f"{part!r} not running under switchyard up"
 
         proc.send_signal(signal.SIGINT)
@@ -210,7 +211,7 @@ def test_up_starts_a_killed_service_again(tmp_path, broker):
     try:
         state_file = tmp_path / "data" / "stack.json"
         state = _wait_for_state(state_file, proc)
-        assert set(state["services"]) == {"sink", "router", "gateway", "worker.remote"}
+        assert set(state["services"]) == {"sink", "router", "evaluator", "gateway", "worker.remote"}
         first = state["services"]["sink"]
         assert first["restarts"] == 0
         os.kill(first["pid"], signal.SIGKILL)
@@ -225,7 +226,7 @@ def test_up_starts_a_killed_service_again(tmp_path, broker):
         assert psutil.Process(now["pid"]).is_running()
         # The others were left alone.
         assert all(json.loads(state_file.read_text())["services"][name] == state["services"][name]
-                   for name in ("router", "gateway", "worker.remote"))
+                   for name in ("router", "evaluator", "gateway", "worker.remote"))
         proc.send_signal(signal.SIGINT)
         assert proc.wait(120) == 0
         log = log_path.read_text()

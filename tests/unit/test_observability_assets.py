@@ -15,7 +15,8 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-import services.router.affinity  # noqa: F401 - importing registers each module's metrics
+import services.evaluator.metrics  # noqa: F401 - importing registers each module's metrics
+import services.router.affinity  # noqa: F401
 import services.router.health  # noqa: F401
 import services.router.metrics  # noqa: F401
 import services.sink.metrics  # noqa: F401
@@ -392,7 +393,8 @@ def test_the_alerts_the_platform_relies_on_are_there():
     alerts = {r["alert"] for g in RULE_DOC["groups"] for r in g["rules"]}
     assert alerts >= {"HighErrorRate", "LatencyP95High", "ConsumerLagGrowing", "WorkerSaturated", "SinkBehind",
                       "DeadLettersAppearing", "ModelUnhealthy", "EscalationRateHigh", "SpendAnomaly",
-                      "CacheHitRateDropped", "MetricsTargetDown", "RedisUnavailable"}
+                      "CacheHitRateDropped", "MetricsTargetDown", "RedisUnavailable", "QualityScoreDrift",
+                      "QualityDrift"}
 
 
 def test_prometheus_loads_the_rules_and_knows_the_runbook_base():
@@ -406,7 +408,7 @@ def test_prometheus_loads_the_rules_and_knows_the_runbook_base():
 def _topic_names() -> set[str]:
     topics = Topics()
     return {*topics.all_requests, f"{topics.prefix}.requests.<priority>", topics.costs, topics.dead_letter,
-            topics.policies, topics.health, topics.escalations}
+            topics.policies, topics.health, topics.escalations, topics.suites, topics.samples, topics.scores}
 
 
 TOPIC_PATTERNS = [re.compile(re.escape(Topics().model("@")).replace("@", r"[\w<>.-]+") + "$"),

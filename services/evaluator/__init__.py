@@ -1,0 +1,1 @@
+"""The evaluator: scores sampled answers against their eval suites and watches quality for drift."""
