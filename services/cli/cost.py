@@ -49,6 +49,20 @@ def parse_by(value: str) -> list[str]:
     return list(dict.fromkeys(dims))
 
 
+def filters(params: dict, *, since: datetime, until: datetime | None, tenant: str | None,
+            route: str | None) -> list[str]:
+    """The WHERE conditions of a report over the books' `ts`, tenant and route; their values go into params."""
+    where = ["ts >= {since:DateTime64(3, 'UTC')}"]
+    params["since"] = since
+    for name, value, condition in (("until", until, "ts < {until:DateTime64(3, 'UTC')}"),
+                                   ("tenant", tenant, "tenant = {tenant:String}"),
+                                   ("route", route, "route = {route:String}")):
+        if value is not None:
+            where.append(condition)
+            params[name] = value
+    return where
+
+
 def reference_model(policies: PolicySet, name: str | None) -> str:
     if name is not None:
         if name not in policies.models:
@@ -66,17 +80,8 @@ def report(store: CostStore, by: list[str], *, since: datetime, until: datetime 
            tenant: str | None = None, route: str | None = None, versus=None) -> list[dict]:
     """One row per group: requests, tokens, exact cost, memory answers, hand-offs, latency, and
     (with `versus`, a ModelPrice) what the same tokens would have cost on that model."""
-    where = ["ts >= {since:DateTime64(3, 'UTC')}"]
-    params: dict = {"since": since, "vin": 0, "vout": 0}
-    if until is not None:
-        where.append("ts < {until:DateTime64(3, 'UTC')}")
-        params["until"] = until
-    if tenant is not None:
-        where.append("tenant = {tenant:String}")
-        params["tenant"] = tenant
-    if route is not None:
-        where.append("route = {route:String}")
-        params["route"] = route
+    params: dict = {"vin": 0, "vout": 0}
+    where = filters(params, since=since, until=until, tenant=tenant, route=route)
     if versus is not None:
         params.update(vin=versus.in_nano_usd_per_token, vout=versus.out_nano_usd_per_token)
     keys = ", ".join(f"{DIMENSIONS[d]} AS {d}" for d in by)

@@ -12,8 +12,10 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 from schemas import Status, StreamDelta
+from services.cli import quality, quality_report
 from services.stack.supervisor import LOCAL_GATEWAY_KEY, read_state, state_path
 from services.worker import tiny_model
 from shared.client import Client
@@ -29,6 +31,7 @@ TENANTS = {
 ROUTES = ["chat", "reasoning"]
 # The two tiers differ in size, so the large one is slower and, in the policy, dearer.
 TINY_MODELS = {"small": dict(layers=2, hidden=128, seed=0), "large": dict(layers=4, hidden=256, seed=1)}
+SUITES = Path(__file__).resolve().parents[2] / "deploy" / "local" / "suites.yaml"
 STACK_START_TIMEOUT_S = 60
 WARMUP_TIMEOUT_S = 600
 
@@ -55,6 +58,8 @@ def demo(settings: Settings, *, requests: int, concurrency: int) -> int:
     run_start = datetime.now(timezone.utc)
     try:
         state = _wait_for_stack(settings, stack)
+        _step(f"registering the eval suites of {SUITES}: the evaluator scores a share of chat and faq answers")
+        quality.apply(settings, SUITES)
         stats = asyncio.run(_load(state, requests, concurrency))
         stats["gateway"] = asyncio.run(_gateway(state))
         stats["batch"] = _batch(settings, state)
@@ -272,6 +277,7 @@ def _report(settings: Settings, state: dict, stats: dict, since: datetime, elaps
             """,
             {"since": since},
         )
+        scored = quality_report.scores(store, ["route", "model"], since=since)
     finally:
         store.close()
     header = f"{'tenant':<10} {'route':<10} {'model':<6} {'requests':>8} {'tokens in':>10} {'tokens out':>10} " \
@@ -327,6 +333,11 @@ def _report(settings: Settings, state: dict, stats: dict, since: datetime, elaps
         print(f"Status page {state['status_url']} (live while the stack ran, from the services' metrics): "
               f"{status['cache']['answered']} answers booked, latency p95 {status['latency_ms']['p95']} ms, "
               f"spend by tenant in USD {json.dumps({k: round(v, 6) for k, v in sorted(metered.items())})}.")
+    if scored:
+        print("Quality (sampled answers scored against deploy/local/suites.yaml; the tiny models are untrained): "
+              + "; ".join(f"{r['route']} on {r['model']}: {r['samples']} scored, mean score {r['mean_score']}, "
+                          f"pass rate {r['pass_rate']}" for r in scored)
+              + ". `switchyard quality` shows scores and drift.")
     print(f"Demo took {elapsed_s:.0f} s in all.")
     print()
     print("Where the data lives:")

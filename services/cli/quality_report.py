@@ -13,42 +13,16 @@ import json
 import time
 from datetime import datetime, timezone
 
-from services.cli.cost import parse_since
+from services.cli.cost import DIMENSIONS, filters, parse_by, parse_since
 from services.evaluator.drift import DAILY, HOURLY, SIGNALS, Window, assess
 from services.sink.store import FINAL_SETTINGS, SCORES_TABLE, CostStore
-from shared.errors import ConfigError
 from shared.settings import masked
-
-DIMENSIONS = {"tenant": "tenant", "route": "route", "model": "model", "hour": "toStartOfHour(ts)"}
-
-
-def parse_by(value: str) -> list[str]:
-    dims = [d.strip() for d in value.split(",") if d.strip()]
-    unknown = [d for d in dims if d not in DIMENSIONS]
-    if not dims or unknown:
-        raise ConfigError(f"--by takes a comma-separated list of {', '.join(DIMENSIONS)}; got {value!r}")
-    return list(dict.fromkeys(dims))
-
-
-def _filters(tenant: str | None, route: str | None, params: dict) -> list[str]:
-    where = []
-    if tenant is not None:
-        where.append("tenant = {tenant:String}")
-        params["tenant"] = tenant
-    if route is not None:
-        where.append("route = {route:String}")
-        params["route"] = route
-    return where
-
 
 def scores(store: CostStore, by: list[str], *, since: datetime, until: datetime | None = None,
            tenant: str | None = None, route: str | None = None) -> list[dict]:
     """One row per group: samples, mean score, pass rate, latency, escalation rate, mean confidence."""
-    params: dict = {"since": since}
-    where = ["ts >= {since:DateTime64(3, 'UTC')}", *_filters(tenant, route, params)]
-    if until is not None:
-        where.append("ts < {until:DateTime64(3, 'UTC')}")
-        params["until"] = until
+    params: dict = {}
+    where = filters(params, since=since, until=until, tenant=tenant, route=route)
     keys = ", ".join(f"{DIMENSIONS[d]} AS {d}" for d in by)
     rows = store.query(
         f"""
@@ -74,9 +48,10 @@ def drift(store: CostStore, *, now_s: float, tenant: str | None = None, route: s
     """Every route, model, signal and window: the current window's value, its band, and whether it drifts."""
     out = []
     for window in windows:
-        params: dict = {"length": int(window.length_s),
-                        "since": int(now_s // window.length_s - window.baseline_windows) * int(window.length_s)}
-        where = ["toUnixTimestamp(ts) >= {since:Int64}", *_filters(tenant, route, params)]
+        params: dict = {"length": int(window.length_s)}
+        since_s = int(now_s // window.length_s - window.baseline_windows) * int(window.length_s)
+        where = filters(params, since=datetime.fromtimestamp(since_s, timezone.utc), until=None, tenant=tenant,
+                        route=route)
         rows = store.query(
             f"""
             SELECT route, model, intDiv(toUnixTimestamp(ts), {{length:UInt32}}) AS idx, count() AS n,
