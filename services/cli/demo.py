@@ -32,7 +32,7 @@ ROUTES = ["chat", "reasoning"]
 # The two tiers differ in size, so the large one is slower and, in the policy, dearer.
 TINY_MODELS = {"small": dict(layers=2, hidden=128, seed=0), "large": dict(layers=4, hidden=256, seed=1)}
 SUITES = Path(__file__).resolve().parents[2] / "deploy" / "local" / "suites.yaml"
-STACK_START_TIMEOUT_S = 60
+STACK_START_TIMEOUT_S = 300  # a first run fits the classifier and distils the static embedder first (about a minute)
 WARMUP_TIMEOUT_S = 600
 
 
