@@ -334,7 +334,7 @@ def _report(settings: Settings, state: dict, stats: dict, since: datetime, elaps
               f"{status['cache']['answered']} answers booked, latency p95 {status['latency_ms']['p95']} ms, "
               f"spend by tenant in USD {json.dumps({k: round(v, 6) for k, v in sorted(metered.items())})}.")
     if scored:
-        print("Quality (sampled answers scored against deploy/local/suites.yaml; the tiny models are untrained): "
+        print("Quality (sampled answers scored against deploy/local/suites.yaml, checks of form only): "
               + "; ".join(f"{r['route']} on {r['model']}: {r['samples']} scored, mean score {r['mean_score']}, "
                           f"pass rate {r['pass_rate']}" for r in scored)
               + ". `switchyard quality` shows scores and drift.")
