@@ -76,7 +76,9 @@ def test_books_against_answers(store, policies):
     _book(store, from_cache, _answer(load, from_cache, model=None, path=(), cache_hit=CacheHit.exact), policies)
     row = checks.books(store, load, ["s"], policies)["s"]
     assert row["double_billed"] == row["unbilled"] == row["billed_unlike_answer"] == 0
-    assert row["books_equal_results"] and row["book_records"] == 4 and row["book_rows_before_dedupe"] == 5
+    assert row["books_equal_results"] and row["book_records"] == 4
+    # Inserted 5 rows; a background merge may already have collapsed the copy.
+    assert row["book_rows_before_dedupe"] in (4, 5)
 
     unbilled = _send(load, "t", 0)
     _answer(load, unbilled)
