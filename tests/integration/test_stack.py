@@ -26,7 +26,8 @@ from tests.integration.conftest import CHROMIUM_ARGS, POLICY, ROOT, WORKER_READY
 pytestmark = pytest.mark.integration
 
 
-def _wait_for_state(path, proc, timeout_s=60) -> dict:
+def _wait_for_state(path, proc, timeout_s=300) -> dict:
+    # `up` writes stack.json once it is up: after distilling the static embedder on a new data folder.
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"switchyard up exited with {proc.returncode}"
