@@ -7,6 +7,10 @@ end an attempt (the result and cost record, or the hand-off to the next model an
 attempt's cost record) here before it sends them; a worker that takes the same attempt again
 finds them and sends exactly those bytes again. The reply and cost topics are keyed by request
 id and the books collapse records of the same (request, attempt), so a resend changes nothing.
+
+Once the broker has acknowledged every one of those messages, the worker marks the attempt
+delivered; a redelivery of a delivered attempt sends nothing at all: its answer is already on the
+reply topic, and a second copy would only reach the sender twice.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from shared.metrics import RedisDegraded
 log = logging.getLogger(__name__)
 
 PREFIX = "switchyard:outcome:"
+DELIVERED_PREFIX = "switchyard:delivered:"
 TTL_S = 7 * 86400  # as long as a request may wait in Kafka and still be redelivered
 
 
@@ -45,12 +50,14 @@ class Outcome:
     notes: tuple[Sent, ...] = ()
     # The final result as an object, when this worker made it (not recorded: the reply holds it).
     result: InferenceResult | None = None
+    # Read back from the ledger: the broker acknowledged every message of it once already.
+    delivered: bool = False
 
 
-def _key(tenant: str, request_id: str, attempt: int) -> str:
+def _key(tenant: str, request_id: str, attempt: int, prefix: str = PREFIX) -> str:
     # Request ids are the producer's: two tenants may pick the same one, and neither may be answered
     # with the other's outcome. (A tenant name holds no ':', so the key is unambiguous.)
-    return f"{PREFIX}{tenant}:{request_id}:{attempt}"
+    return f"{prefix}{tenant}:{request_id}:{attempt}"
 
 
 def _b64(data: bytes | None) -> str | None:
@@ -68,7 +75,8 @@ class Ledger:
     async def get(self, tenant: str, request_id: str, attempt: int) -> Outcome | None:
         """The outcome recorded for this attempt, or None (never run, or Redis unreachable: run it)."""
         try:
-            raw = await self._redis.get(_key(tenant, request_id, attempt))
+            raw, delivered = await self._redis.mget(_key(tenant, request_id, attempt),
+                                                    _key(tenant, request_id, attempt, DELIVERED_PREFIX))
         except RedisError as exc:
             log.warning("could not read the outcome of %s: %s; running it", request_id, exc)
             self.degraded = True
@@ -81,6 +89,7 @@ class Ledger:
             messages=[Sent(m["topic"], None if m["key"] is None else base64.b64decode(m["key"]),
                            base64.b64decode(m["value"])) for m in data["messages"]],
             final=data["final"],
+            delivered=delivered is not None,
         )
 
     async def put(self, tenant: str, request_id: str, attempt: int, outcome: Outcome) -> None:
@@ -93,4 +102,13 @@ class Ledger:
             await self._redis.set(_key(tenant, request_id, attempt), data, ex=self._ttl_s)
         except RedisError as exc:
             log.warning("could not record the outcome of %s: %s", request_id, exc)
+            self.degraded = True
+
+    async def mark_delivered(self, tenant: str, request_id: str, attempt: int) -> None:
+        """Note that the broker acknowledged every message of the attempt's outcome; a failure only
+        costs a second copy of them if the request is redelivered."""
+        try:
+            await self._redis.set(_key(tenant, request_id, attempt, DELIVERED_PREFIX), b"1", ex=self._ttl_s)
+        except RedisError as exc:
+            log.warning("could not mark the outcome of %s delivered: %s", request_id, exc)
             self.degraded = True

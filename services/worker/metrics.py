@@ -47,7 +47,9 @@ CONFIDENCE = Histogram(
     ["route", "model"], buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
 )
 REPLAYED = Counter(
-    "switchyard_worker_replayed_total", "Redelivered attempts answered from the ledger instead of run again.", ["model"],
+    "switchyard_worker_replayed_total",
+    "Redelivered attempts taken from the ledger instead of run again: their recorded messages resent, or "
+    "nothing sent because the broker had acknowledged them before.", ["model", "how"],
 )
 OUTPUT_CHECKS = Counter(
     "switchyard_worker_output_checks_total",

@@ -164,7 +164,15 @@ class Worker:
         tasks = [t for t, tp in self._tasks.items() if partitions is None or tp in partitions]
         if tasks:
             log.info("draining %d requests in flight (grace %.0f s)", len(tasks), self._drain_grace_s)
-            await asyncio.wait(tasks, timeout=self._drain_grace_s)
+            _, late = await asyncio.wait(tasks, timeout=self._drain_grace_s)
+            if late:
+                # Their offsets stay uncommitted: the partition's next owner runs them. Stopped here,
+                # none of them can answer as well once the grace is over, which would answer twice.
+                log.warning("%d requests did not finish within the grace; stopping them for the next "
+                            "owner of their partitions to run", len(late))
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
         await self._commit(partitions)
 
     async def _handle(self, record: ConsumerRecord, outcomes: Outcomes) -> None:
@@ -175,18 +183,26 @@ class Worker:
             return
         request = routed.request
         outcome = await self._ledger.get(request.tenant, request.id, routed.attempt) if self._ledger is not None else None
+        if outcome is not None and outcome.delivered:
+            # Redelivered after its answer reached the broker (its offset was not committed yet):
+            # the reply topic holds it already; sending it again would only answer twice.
+            log.info("request %s attempt %d was answered before; nothing to send again", request.id, routed.attempt)
+            metrics.REPLAYED.labels(self.model, "delivered").inc()
+            return
         if outcome is not None:
             # Redelivered after this attempt had ended (its worker died or lost the partition
             # before committing): answer from the record, run nothing, bill nothing new.
             log.info("request %s attempt %d ended before; sending its recorded outcome again",
                      request.id, routed.attempt)
             self.replayed += 1
-            metrics.REPLAYED.labels(self.model).inc()
+            metrics.REPLAYED.labels(self.model, "resent").inc()
         else:
             outcome = await self._attempt(routed, outcomes)
             if self._ledger is not None:
                 await self._ledger.put(request.tenant, request.id, routed.attempt, outcome)
         await delivered(self._send_all(outcomes, outcome.messages))
+        if self._ledger is not None:
+            await self._ledger.mark_delivered(request.tenant, request.id, routed.attempt)
         if outcome.notes:
             try:
                 await delivered(self._send_all(outcomes, list(outcome.notes)))

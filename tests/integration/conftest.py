@@ -12,11 +12,14 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from aiokafka.structs import TopicPartition
 from redis.asyncio import Redis
 
+from schemas import InferenceResult
 from services.router import train
 from services.router.classify import Classifier, Model
 from services.router.embed import Embedder
@@ -31,7 +34,9 @@ from services.sink.service import Sink
 from services.sink.store import CostStore
 from services.stack import infra
 from services.worker import tiny_model
+from shared import kafka
 from shared.client import Client
+from shared.codec import decode
 from shared.kafka import ensure_topics
 from shared.memory import Memory
 from shared.semantic import SemanticIndex
@@ -258,3 +263,33 @@ async def wait_for_rows(store: CostStore, where: str, expected: int, params: dic
         if row["records"] >= expected or loop.time() > deadline:
             return row
         await asyncio.sleep(0.2)
+
+
+async def records_on(broker, topic: str) -> list[bytes]:
+    """The value of every record on `topic`, from its start to its end now."""
+    reader = kafka.consumer(broker, group_id=None, auto_offset_reset="earliest")
+    await reader.start()
+    values: list[bytes] = []
+    try:
+        await reader.topics()
+        partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or ()]
+        reader.assign(partitions)
+        await reader.seek_to_beginning(*partitions)
+        ends = await reader.end_offsets(partitions)
+        while [tp for tp in partitions if await reader.position(tp) < ends[tp]]:
+            for records in (await reader.getmany(timeout_ms=500)).values():
+                values.extend(record.value for record in records if record.value)
+    finally:
+        await reader.stop()
+    return values
+
+
+async def replies_on(broker, topic: str, ids: set[str]) -> dict[str, list[bytes]]:
+    """Every reply on `topic` to the given requests (results, not stream deltas), from the topic's start."""
+    seen: dict[str, list[bytes]] = defaultdict(list)
+    for value in await records_on(broker, topic):
+        if b'"kind":"delta"' not in value:
+            result = decode(InferenceResult, value)
+            if result.request_id in ids:
+                seen[result.request_id].append(value)
+    return seen

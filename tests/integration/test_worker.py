@@ -16,18 +16,19 @@ import pytest
 from aiokafka.structs import TopicPartition
 from redis.asyncio import Redis
 
-from schemas import (InferenceRequest, ModelHealth, ProviderSpec, RoutedRequest, Sampling, Status, StreamDelta,
-                     now_ms)
+from schemas import (CostRecord, InferenceRequest, InferenceResult, ModelHealth, ProviderSpec, RoutedRequest,
+                     Sampling, Status, StreamDelta, now_ms)
 from services.router.affinity import home_partition
 from services.router import train
 from services.router.decide import decide
-from services.worker.ledger import PREFIX as LEDGER_PREFIX
+from services.worker.engine import Completion
+from services.worker.ledger import DELIVERED_PREFIX, PREFIX as LEDGER_PREFIX
 from services.worker.provider import ProviderBackend
 from services.worker.service import Worker
 from shared import kafka
 from shared.codec import decode, encode
-from shared.topics import request_key
-from tests.integration.conftest import wait_for_rows
+from shared.topics import Topics, request_key
+from tests.integration.conftest import records_on, replies_on, wait_for_rows
 
 pytestmark = pytest.mark.integration
 
@@ -134,28 +135,110 @@ async def test_a_redelivered_request_is_answered_from_its_record_not_run_again(w
                                messages=[{"role": "user", "content": "say something random"}],
                                sampling=Sampling(max_tokens=16, temperature=1.0))
     routed = decide(request, policies)
-    first = client.track(request.id)
+    redis = Redis.from_url(redis_url)
     producer = kafka.producer(broker)
     await producer.start()
+
+    async def redeliver():
+        await producer.send_and_wait(topics.model("small"), encode(routed), key=routed.prefix_hash.encode())
+
     try:
-        # As Kafka redelivers it: the same routed request again, after the first has been answered.
-        await producer.send_and_wait(topics.model("small"), encode(routed), key=routed.prefix_hash.encode())
+        first = client.track(request.id)
+        await redeliver()
         answer = await asyncio.wait_for(first, 60)
+        assert await redis.exists(f"{LEDGER_PREFIX}{who}:{request.id}:0")
+        assert await redis.exists(f"{DELIVERED_PREFIX}{who}:{request.id}:0")
+        # As Kafka redelivers it when its worker recorded the outcome but died before the broker
+        # acknowledged it: sent again from the record, not run again.
+        await redis.delete(f"{DELIVERED_PREFIX}{who}:{request.id}:0")
         again = client.track(request.id)
-        await producer.send_and_wait(topics.model("small"), encode(routed), key=routed.prefix_hash.encode())
+        await redeliver()
         repeat = await asyncio.wait_for(again, 60)
+        # Sampled at temperature 1 from a random model, a re-run could not write the same text.
+        assert repeat == answer
+        # Redelivered once more, now that its answer reached the broker: nothing is sent at all.
+        seen = len(worker.lines)
+        await redeliver()
+        deadline = time.monotonic() + 60
+        while not any(f"request {request.id} attempt 0 was answered before" in line for line in worker.lines[seen:]):
+            assert time.monotonic() < deadline, "".join(worker.lines[-20:])
+            await asyncio.sleep(0.2)
     finally:
         await producer.stop()
-    assert answer.status == Status.ok and answer.tokens_out > 0
-    # Sampled at temperature 1 from a random model, a re-run could not write the same text.
-    assert repeat == answer
-    redis = Redis.from_url(redis_url)
-    try:
-        assert await redis.exists(f"{LEDGER_PREFIX}{who}:{request.id}:0")
-    finally:
         await redis.aclose()
+    assert answer.status == Status.ok and answer.tokens_out > 0
+    replies = await replies_on(broker, topics.replies(client.reply_to), {request.id})
+    assert len(replies[request.id]) == 2 and len(set(replies[request.id])) == 1
     books = await wait_for_rows(store, "tenant = {t:String}", 1, {"t": who})
     assert books["records"] == 1 and books["tokens_out"] == answer.tokens_out
+
+
+class _Engine:
+    """A backend that answers at once, or (hanging) never, until it is cancelled."""
+
+    def __init__(self, hanging: bool):
+        self.hanging, self.started, self.cancelled = hanging, asyncio.Event(), 0
+
+    async def run(self, request, *, request_id, max_tokens, deadline_ms=None, on_text=None) -> Completion:
+        self.started.set()
+        if self.hanging:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        return Completion(text="from the next owner", finish_reason="stop", tokens_in=3, tokens_out=4,
+                          cached_tokens=0, ttft_ms=1)
+
+    def load(self):
+        return {"kv_usage": None}
+
+    def shutdown(self) -> None:
+        pass
+
+
+async def test_a_request_still_running_when_the_drain_grace_ends_is_run_by_the_next_owner_only(
+        broker, policies, redis_url):
+    topics = Topics(f"sydrain{uuid.uuid4().hex[:8]}")  # its own: no other test's requests for this model
+    await kafka.ensure_topics(broker, [*topics.plan(["large"]), topics.reply_spec("drain")])
+    request = InferenceRequest(tenant=tenant(), route="large-only", reply_to="drain",
+                               messages=[{"role": "user", "content": "take your time"}])
+    routed = decide(request, policies)
+    redis = Redis.from_url(redis_url)
+    try:
+        stuck = _Engine(hanging=True)
+        first = Worker(model="large", engine=stuck, bootstrap=broker, topics=topics, redis=redis, drain_grace_s=1.0)
+        stop = asyncio.Event()
+        running = asyncio.create_task(first.run(stop))
+        producer = kafka.producer(broker)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topics.model("large"), encode(routed), key=routed.prefix_hash.encode())
+        finally:
+            await producer.stop()
+        await asyncio.wait_for(stuck.started.wait(), 60)
+        stop.set()  # as SIGTERM does: the drain waits 1 s, then stops what is left
+        await asyncio.wait_for(running, 60)
+        assert stuck.cancelled == 1
+
+        # The partition's next owner finds it uncommitted and runs it; the stopped run sent nothing.
+        stop = asyncio.Event()
+        running = asyncio.create_task(Worker(model="large", engine=_Engine(hanging=False), bootstrap=broker,
+                                             topics=topics, redis=redis).run(stop))
+        try:
+            deadline = time.monotonic() + 90
+            while not (replies := await replies_on(broker, topics.replies("drain"), {request.id})):
+                assert time.monotonic() < deadline, "the next owner never answered"
+                await asyncio.sleep(0.5)
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, 60)
+    finally:
+        await redis.aclose()
+    (reply,) = [decode(InferenceResult, value) for value in replies[request.id]]
+    assert reply.status == Status.ok and reply.output == "from the next owner"
+    costs = [decode(CostRecord, value) for value in await records_on(broker, topics.costs)]
+    assert [(c.request_id, c.tokens_out) for c in costs] == [(request.id, 4)]
 
 
 async def test_a_low_confidence_answer_escalates_and_teaches_the_router(worker, router, sink, client, store, policies,

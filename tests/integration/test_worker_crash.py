@@ -9,15 +9,13 @@ import os
 import signal
 import socket
 import uuid
-from collections import defaultdict
 
 import pytest
-from aiokafka.structs import TopicPartition
 
-from schemas import InferenceResult, ModelHealth, Status
+from schemas import ModelHealth, Status
 from shared import kafka
 from shared.codec import decode
-from tests.integration.conftest import kill_group, start_worker, wait_for_rows
+from tests.integration.conftest import kill_group, replies_on, start_worker, wait_for_rows
 
 pytestmark = pytest.mark.integration
 
@@ -48,29 +46,6 @@ async def next_report(broker, topics, wanted, timeout_s: float) -> ModelHealth |
         return None
     finally:
         await reader.stop()
-
-
-async def replies_on(broker, topic: str, ids: set[str]) -> dict[str, list[bytes]]:
-    """Every reply on `topic` to the given requests, from the topic's start."""
-    reader = kafka.consumer(broker, group_id=None, auto_offset_reset="earliest")
-    await reader.start()
-    seen: dict[str, list[bytes]] = defaultdict(list)
-    try:
-        await reader.topics()
-        partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or ()]
-        reader.assign(partitions)
-        await reader.seek_to_beginning(*partitions)
-        ends = await reader.end_offsets(partitions)
-        while [tp for tp in partitions if await reader.position(tp) < ends[tp]]:
-            for records in (await reader.getmany(timeout_ms=500)).values():
-                for record in records:
-                    if record.value and b'"kind":"delta"' not in record.value:
-                        result = decode(InferenceResult, record.value)
-                        if result.request_id in ids:
-                            seen[result.request_id].append(record.value)
-    finally:
-        await reader.stop()
-    return seen
 
 
 async def load_and_stop(client, broker, topics, worker_name: str, how: signal.Signals, proc,
