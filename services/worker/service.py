@@ -185,11 +185,11 @@ class Worker:
         outcome = await self._ledger.get(request.tenant, request.id, routed.attempt) if self._ledger is not None else None
         if outcome is not None and outcome.delivered:
             # Redelivered after its answer reached the broker (its offset was not committed yet):
-            # the reply topic holds it already; sending it again would only answer twice.
+            # the reply topic holds it already; sending it again would only answer twice. The
+            # repeats that waited for it are answered still, in case that worker stopped before.
             log.info("request %s attempt %d was answered before; nothing to send again", request.id, routed.attempt)
             metrics.REPLAYED.labels(self.model, "delivered").inc()
-            return
-        if outcome is not None:
+        elif outcome is not None:
             # Redelivered after this attempt had ended (its worker died or lost the partition
             # before committing): answer from the record, run nothing, bill nothing new.
             log.info("request %s attempt %d ended before; sending its recorded outcome again",
@@ -200,9 +200,10 @@ class Worker:
             outcome = await self._attempt(routed, outcomes)
             if self._ledger is not None:
                 await self._ledger.put(request.tenant, request.id, routed.attempt, outcome)
-        await delivered(self._send_all(outcomes, outcome.messages))
-        if self._ledger is not None:
-            await self._ledger.mark_delivered(request.tenant, request.id, routed.attempt)
+        if not outcome.delivered:
+            await delivered(self._send_all(outcomes, outcome.messages))
+            if self._ledger is not None:
+                await self._ledger.mark_delivered(request.tenant, request.id, routed.attempt)
         if outcome.notes:
             try:
                 await delivered(self._send_all(outcomes, list(outcome.notes)))
