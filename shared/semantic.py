@@ -4,10 +4,11 @@ Workers publish each ok result of a route that opts in to a Redis stream, with t
 router computed for its conversation and the namespace it belongs to (route and tenant, or route
 alone when the route shares its cache). Every router replays the stream when it starts and then
 follows it, keeping an in-memory index per namespace: a ring of at most `max_entries` unit
-vectors (the oldest entry is evicted first), each with its expiry. A lookup is one matrix-vector
-product per namespace; a hit needs the route's cosine threshold, an unexpired entry and the same
-guard signature (shared.semantic_guard: the numbers, negations and identifiers both texts must
-share, which embeddings blur). The stream itself is capped, so Redis holds a bounded amount.
+vectors (the oldest entry is evicted first), each with its expiry. A hit needs the route's cosine
+threshold, an unexpired entry and the same guard signature (shared.semantic_guard: the numbers,
+negations and identifiers both texts must share, which embeddings blur), so a lookup scores only
+the entries with the request's signature. The stream itself is capped, so Redis holds a bounded
+amount.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 STREAM = "switchyard:semantic"
 STREAM_MAX = 200_000
 SCORES_MAX = 4_000_000  # similarity values computed at once in a batch lookup (16 MB)
+# A signature held by more entries than this is scored with one product over the whole ring,
+# cheaper then than gathering its entries' rows.
+BUCKET_MAX = 256
 
 
 def pack(vector: np.ndarray) -> str:
@@ -42,6 +46,10 @@ def unpack(text: str | bytes) -> np.ndarray:
 
 
 class _Ring:
+    """A namespace's entries, and which slots hold each guard signature: a hit needs the same
+    signature, so a query is scored against the entries of its signature only (most often a
+    handful), not against the whole ring."""
+
     def __init__(self, capacity: int, dimensions: int):
         self.capacity = capacity
         self.vectors = np.zeros((capacity, dimensions), dtype=np.float32)
@@ -49,13 +57,21 @@ class _Ring:
         self.signatures = np.zeros(capacity, dtype=np.uint64)
         self.results: list[bytes | None] = [None] * capacity
         self.count = 0  # entries ever added; the next goes to count % capacity
+        self.slots: dict[int, set[int]] = {}  # signature -> the slots holding it
 
     def add(self, vector: np.ndarray, result: bytes, expires: float, signature: int) -> None:
         slot = self.count % self.capacity
+        if self.count >= self.capacity:  # evicting the oldest entry
+            old = int(self.signatures[slot])
+            holders = self.slots[old]
+            holders.discard(slot)
+            if not holders:
+                del self.slots[old]
         self.vectors[slot] = vector
         self.expires[slot] = expires
         self.signatures[slot] = signature
         self.results[slot] = result
+        self.slots.setdefault(signature, set()).add(slot)
         self.count += 1
 
     def resized(self, capacity: int) -> _Ring:
@@ -68,14 +84,32 @@ class _Ring:
 
     def best(self, vectors: np.ndarray, now: float, signatures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each row of `vectors` (k × d) with its signature: the best score and its slot (-1: none)."""
-        live = min(self.count, self.capacity)
-        if live == 0:
-            return np.full(len(vectors), -1.0), np.full(len(vectors), -1)
-        # One matrix product for the whole batch: the entries are read once, not once per request.
-        scores = self.vectors[:live] @ vectors.T
-        scores[(self.expires[:live] <= now)[:, None] | (self.signatures[:live, None] != signatures[None, :])] = -1.0
-        slots = np.argmax(scores, axis=0)
-        return scores[slots, np.arange(len(vectors))], slots
+        scores = np.full(len(vectors), -1.0)
+        slots = np.full(len(vectors), -1)
+        crowded = []  # queries whose signature many entries share: one product over the ring for them
+        for i, sig in enumerate(signatures.tolist()):
+            holders = self.slots.get(sig)
+            if not holders:
+                continue
+            if len(holders) > BUCKET_MAX:
+                crowded.append(i)
+                continue
+            held = np.fromiter(holders, dtype=np.intp, count=len(holders))
+            held.sort()
+            mine = self.vectors[held] @ vectors[i]
+            mine[self.expires[held] <= now] = -1.0
+            j = int(np.argmax(mine))
+            scores[i], slots[i] = mine[j], held[j]
+        if crowded:
+            live = min(self.count, self.capacity)
+            chosen = np.asarray(crowded)
+            # One matrix product for those queries: the entries are read once, not once per request.
+            product = self.vectors[:live] @ vectors[chosen].T
+            product[(self.expires[:live] <= now)[:, None]
+                    | (self.signatures[:live, None] != signatures[chosen][None, :])] = -1.0
+            best = np.argmax(product, axis=0)
+            scores[chosen], slots[chosen] = product[best, np.arange(len(chosen))], best
+        return scores, slots
 
 
 class SemanticIndex:

@@ -11,8 +11,8 @@ shared/memory.py) and shares their Lua, so each step means what it means on its 
 2. a request the router answers itself (expired, invalid) goes no further;
 3. the tenant's limits admit and count it, or refuse it;
 4. the exact cache answers it if its route opts in;
-5. otherwise it is claimed, so a repeat waits for it (or it is left open: its route has a
-   semantic cache to ask first, or no idempotency window).
+5. otherwise it is claimed, so a repeat waits for it (or it is left open: the router's semantic
+   cache, asked before the call, answers it, or its route has no idempotency window).
 
 Like each module alone, it needs one Redis (the keys travel in ARGV) and fails open: without
 Redis every request goes on, unchecked, and each module says so once in its log.

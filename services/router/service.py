@@ -376,8 +376,11 @@ class Router:
 
     async def _through_gate(self, candidates: list[_Pending], answers: list[_Answer],
                             outcomes: Outcomes) -> list[_Pending]:
-        """Pass the batch through the gate (one Redis call: redelivery check, tenant limits, exact
-        cache, claim), answer what it or the semantic cache answers, and return what to forward."""
+        """Ask the semantic cache (in memory) for the routes that have one, then pass the batch
+        through the gate (one Redis call: redelivery check, tenant limits, exact cache, and the claim
+        of what no cache answers), answer what a cache answers, and return what to forward."""
+        semantic = [p for p in candidates if p.final is None and p.vector is not None and p.policy.cache.semantic]
+        similar = self._semantic_lookups(semantic) if semantic else {}
         asks = []
         for p in candidates:
             if p.final is not None:
@@ -387,9 +390,9 @@ class Router:
             if self._memory is not None and p.policy.cache.exact:
                 content = content_hash(p.request)
                 p.exact_key = exact_key(cache_namespace(p.request, p.policy), content)
-            # A route with a semantic cache asks it first, and claims after a miss.
+            # A semantic hit is answered, not claimed: a repeat of it is answered by the cache too.
             claims = (self._memory is not None and p.policy.idempotency_window_s > 0
-                      and not (p.vector is not None and p.policy.cache.semantic))
+                      and similar.get(id(p)) is None)
             if claims:
                 p.idem_key = idempotency_key(p.request, content)
             asks.append(Ask(p.request, p.entry[2], tokens=p.tokens_in + p.routed.request.sampling.max_tokens,
@@ -397,7 +400,7 @@ class Router:
                             claim_window_s=p.policy.idempotency_window_s if claims else None, claim_key=p.idem_key))
         passages = await self._gate.check(asks)
 
-        forward, semantic = [], []
+        forward = []
         for p, passage in zip(candidates, passages):
             request, state = p.request, passage.state
             if state == "redelivered":
@@ -418,38 +421,20 @@ class Router:
             else:
                 if p.exact_key is not None:
                     metrics.cache(self._label(request.route), "exact", "hit" if state == "exact" else "miss").inc()
+                found = similar.get(id(p))
+                if state != "exact" and id(p) in similar:
+                    metrics.cache(self._label(request.route), "semantic", "hit" if found else "miss").inc()
                 if state == "exact":
                     self._count(request.route, "cache_exact")
                     answers.append(_Answer(p.record, p.entry, await self._answer(
                         outcomes, request, passage.hit, CacheHit.exact)))
-                elif state == "open" and p.vector is not None and p.policy.cache.semantic:
-                    semantic.append(p)
+                elif found is not None:
+                    self._count(request.route, "cache_semantic")
+                    answers.append(_Answer(p.record, p.entry, await self._answer(
+                        outcomes, request, found[0], CacheHit.semantic)))
                 else:
                     await self._claimed(p, passage.claim, answers, outcomes, forward)
-        if semantic:
-            await self._semantic_answers(semantic, answers, outcomes, forward)
         return forward
-
-    async def _semantic_answers(self, pending: list[_Pending], answers: list[_Answer], outcomes: Outcomes,
-                        forward: list[_Pending]) -> None:
-        """Answer what the semantic cache can; claim the rest (so later repeats wait for them)."""
-        similar = self._semantic_lookups(pending)
-        rest = []
-        for p in pending:
-            found = similar[id(p)]
-            metrics.cache(self._label(p.request.route), "semantic", "hit" if found else "miss").inc()
-            if found is not None:
-                self._count(p.request.route, "cache_semantic")
-                answers.append(_Answer(p.record, p.entry, await self._answer(
-                    outcomes, p.request, found[0], CacheHit.semantic)))
-            else:
-                rest.append(p)
-        claimable = [p for p in rest if p.policy.idempotency_window_s > 0] if self._memory is not None else []
-        claims = await self._memory.claim([(p.request, p.policy.idempotency_window_s) for p in claimable]) \
-            if claimable else []
-        claimed = {id(p): c for p, c in zip(claimable, claims)}
-        for p in rest:
-            await self._claimed(p, claimed.get(id(p)), answers, outcomes, forward)
 
     async def _claimed(self, p: _Pending, claim: Claim | None, answers: list[_Answer], outcomes: Outcomes,
                        forward: list[_Pending]) -> None:

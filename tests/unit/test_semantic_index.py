@@ -3,6 +3,7 @@
 import time
 
 import numpy as np
+import pytest
 
 from schemas import InferenceResult
 from shared.codec import encode
@@ -84,3 +85,34 @@ def test_a_batch_lookup_answers_each_query_as_a_single_lookup_would(monkeypatch)
     single = [index.lookup("c:t", q, 0.9, s) for q, s in zip(queries, query_sigs)]
     assert [m and m[0].output for m in many] == [s and s[0].output for s in single]
     assert many[1][0].output == "1" and many[0] is None and many[5] is None  # wrong signature; expired
+
+
+def test_a_lookup_scores_only_its_signature_and_finds_what_a_scan_of_the_whole_ring_finds(monkeypatch):
+    import shared.semantic
+
+    rng = np.random.default_rng(11)
+    entries = rng.standard_normal((400, 16)).astype(np.float32)
+    entries /= np.linalg.norm(entries, axis=1, keepdims=True)
+    # Signature 0 is held by most entries (texts without numbers or names), the rest by a few each;
+    # the ring of 300 evicts the first 100, whose slots change signature.
+    sigs = [f"{0 if i % 4 else 1 + i % 37:016x}" for i in range(400)]
+    expires = [time.time() + (-1 if i % 29 == 0 else 60) for i in range(400)]
+    queries = entries[50:] + 0.1 * rng.standard_normal((350, 16)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    query_sigs = sigs[50:]
+
+    def lookups(bucket_max):
+        monkeypatch.setattr(shared.semantic, "BUCKET_MAX", bucket_max)
+        index = SemanticIndex(redis=None)
+        for i in range(400):
+            index.add("c:t", entries[i], result(str(i)), expires[i], max_entries=300, signature=sigs[i])
+        return [m and (m[0].output, m[1]) for m in index.lookup_many("c:t", queries, 0.8, query_sigs)]
+
+    scanned = lookups(10**9)  # every query scored against its signature's entries only
+    whole = lookups(0)  # every query through one product over the whole ring
+    assert [m and m[0] for m in scanned] == [m and m[0] for m in whole]
+    assert [m and m[1] for m in scanned] == pytest.approx([m and m[1] for m in whole], abs=1e-5)
+    found = [m for m in scanned if m]
+    assert len(found) > 100
+    # Evicted entries (0-99) and expired ones never answer.
+    assert all(int(out) >= 100 and int(out) % 29 for out, _ in found)
