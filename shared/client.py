@@ -179,23 +179,24 @@ class Client:
 
     async def complete(self, *, tenant: str, route: str, messages: list[dict[str, str]] | None = None,
                        prompt: str | None = None, priority: Priority | str = Priority.standard,
-                       max_tokens: int = 256, temperature: float = 0.7, timeout_s: float | None = None,
-                       **fields: Any) -> InferenceResult:
+                       max_tokens: int = 256, temperature: float = 0.7, seed: int | None = None,
+                       timeout_s: float | None = None, **fields: Any) -> InferenceResult:
         """Build a request from plain values and submit it."""
         return await self.submit(self._build(tenant=tenant, route=route, messages=messages, prompt=prompt,
                                              priority=priority, max_tokens=max_tokens, temperature=temperature,
-                                             **fields), timeout_s)
+                                             seed=seed, **fields), timeout_s)
 
     def _build(self, *, tenant: str, route: str, messages: list[dict[str, str]] | None = None,
                prompt: str | None = None, priority: Priority | str = Priority.standard,
-               max_tokens: int = 256, temperature: float = 0.7, **fields: Any) -> InferenceRequest:
+               max_tokens: int = 256, temperature: float = 0.7, seed: int | None = None,
+               **fields: Any) -> InferenceRequest:
         return InferenceRequest(
             tenant=tenant,
             route=route,
             priority=Priority(priority),
             messages=[ChatMessage(**m) for m in messages] if messages is not None else None,
             prompt=prompt,
-            sampling=Sampling(max_tokens=max_tokens, temperature=temperature),
+            sampling=Sampling(max_tokens=max_tokens, temperature=temperature, seed=seed),
             reply_to=self.reply_to,
             **fields,
         )
