@@ -16,7 +16,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from aiokafka.structs import TopicPartition
 from redis.asyncio import Redis
 
 from schemas import InferenceResult
@@ -265,30 +264,21 @@ async def wait_for_rows(store: CostStore, where: str, expected: int, params: dic
         await asyncio.sleep(0.2)
 
 
-async def records_on(broker, topic: str) -> list[bytes]:
+async def records_on(broker, topic: str) -> list[bytes | None]:
     """The value of every record on `topic`, from its start to its end now."""
     reader = kafka.consumer(broker, group_id=None, auto_offset_reset="earliest")
     await reader.start()
-    values: list[bytes] = []
     try:
-        await reader.topics()
-        partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic) or ()]
-        reader.assign(partitions)
-        await reader.seek_to_beginning(*partitions)
-        ends = await reader.end_offsets(partitions)
-        while [tp for tp in partitions if await reader.position(tp) < ends[tp]]:
-            for records in (await reader.getmany(timeout_ms=500)).values():
-                values.extend(record.value for record in records if record.value)
+        return [record.value async for record in kafka.from_start(reader, topic)]
     finally:
         await reader.stop()
-    return values
 
 
 async def replies_on(broker, topic: str, ids: set[str]) -> dict[str, list[bytes]]:
     """Every reply on `topic` to the given requests (results, not stream deltas), from the topic's start."""
     seen: dict[str, list[bytes]] = defaultdict(list)
     for value in await records_on(broker, topic):
-        if b'"kind":"delta"' not in value:
+        if value and b'"kind":"delta"' not in value:
             result = decode(InferenceResult, value)
             if result.request_id in ids:
                 seen[result.request_id].append(value)

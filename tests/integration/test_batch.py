@@ -14,9 +14,8 @@ import orjson
 import pytest
 
 from schemas import CostRecord, InferenceResult
-from shared import kafka
 from shared.codec import decode
-from tests.integration.conftest import ROOT
+from tests.integration.conftest import ROOT, records_on
 
 pytestmark = pytest.mark.integration
 
@@ -49,15 +48,6 @@ def batch_file(path, tag: str):
 def run_cli(env, *args, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "services.cli.main", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
-
-
-async def records_of(broker: str, topic: str) -> list[bytes]:
-    consumer = kafka.consumer(broker, group_id=None, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        return [record.value async for record in kafka.from_start(consumer, topic)]
-    finally:
-        await consumer.stop()
 
 
 async def test_a_batch_runs_its_good_lines_reports_bad_ones_and_resumes_without_running_twice(
@@ -103,9 +93,9 @@ async def test_a_batch_runs_its_good_lines_reports_bad_ones_and_resumes_without_
     assert [e["error"]["line"] for e in errors] == sorted(faults)
 
     # Each line ran and was billed once: one result on the job's reply topic, one cost record.
-    results = [decode(InferenceResult, v) for v in await records_of(broker, topics.replies(job))]
+    results = [decode(InferenceResult, v) for v in await records_on(broker, topics.replies(job))]
     assert sorted(r.request_id for r in results) == sorted(f"{job}.{n}" for n in _good_numbers(faults))
-    costs = [decode(CostRecord, v) for v in await records_of(broker, topics.costs)]
+    costs = [decode(CostRecord, v) for v in await records_on(broker, topics.costs)]
     mine = [(c.request_id, c.attempt) for c in costs if c.request_id.startswith(f"{job}.")]
     assert len(mine) == GOOD and len(set(mine)) == GOOD
     assert {c.tenant for c in costs if c.request_id.startswith(f"{job}.")} == {"batch-team"}

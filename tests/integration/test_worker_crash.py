@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from schemas import ModelHealth, Status
+from schemas import InferenceResult, ModelHealth, Status
 from shared import kafka
 from shared.codec import decode
 from tests.integration.conftest import kill_group, replies_on, start_worker, wait_for_rows
