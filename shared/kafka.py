@@ -18,7 +18,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaConnectio
 from aiokafka.helpers import create_ssl_context
 
 from shared.errors import ConfigError, DependencyUnavailable
-from shared.settings import KafkaSecurity
+from shared.settings import KafkaSecurity, kafka_fetch_wait_ms
 from shared.topics import TopicSpec
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,12 @@ def security() -> dict[str, Any]:
     return security_options(KafkaSecurity.from_env())
 
 
+@functools.cache
+def fetch_wait_ms() -> int:
+    """The process's SWITCHYARD_KAFKA_FETCH_MAX_WAIT_MS, read once."""
+    return kafka_fetch_wait_ms()
+
+
 def _no_key_password() -> str:
     # Without a callback OpenSSL would ask for the pass phrase on the terminal, hanging a service.
     raise ConfigError("SWITCHYARD_KAFKA_SSL_KEYFILE is encrypted; give the client key without a pass phrase")
@@ -81,7 +87,7 @@ def consumer(bootstrap: str, *topics: str, group_id: str | None, **overrides) ->
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_partition_fetch_bytes=4 * 1024 * 1024,
-        fetch_max_wait_ms=50,
+        fetch_max_wait_ms=fetch_wait_ms(),
     )
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)

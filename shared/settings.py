@@ -13,6 +13,12 @@ from urllib.parse import unquote
 from shared.errors import ConfigError
 from shared.topics import Topics
 
+# How long a fetch may wait at the broker for records (aiokafka's fetch_max_wait_ms). Short by
+# default: Tansu answers a waiting fetch only at the end of the wait, not when a record arrives.
+# Tansu on S3 needs longer: it lists a partition's objects within that time, and a listing cut
+# short returns nothing, so a partition of many objects (or a slow store) is never read at all.
+FETCH_MAX_WAIT_MS = 50
+
 DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "deploy" / "local" / "policy.yaml"
 KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")
@@ -103,6 +109,7 @@ class Settings:
     gateway_port: int = 8080
     gateway_keys: Path | None = None
     kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
+    kafka_fetch_wait_ms: int = FETCH_MAX_WAIT_MS
 
     def __repr__(self) -> str:
         # The Redis URL and the ClickHouse DSN may carry passwords; a settings object in a log line must not.
@@ -173,7 +180,18 @@ class Settings:
             gateway_port=gateway_port,
             gateway_keys=Path(gateway_keys).resolve() if gateway_keys else None,
             kafka_security=KafkaSecurity.from_env(env),
+            kafka_fetch_wait_ms=kafka_fetch_wait_ms(env),
         )
+
+
+def kafka_fetch_wait_ms(env: Mapping[str, str] = os.environ) -> int:
+    """SWITCHYARD_KAFKA_FETCH_MAX_WAIT_MS, milliseconds from 1 to 30000 (default FETCH_MAX_WAIT_MS)."""
+    value = _getter(env)("SWITCHYARD_KAFKA_FETCH_MAX_WAIT_MS")
+    if value is None:
+        return FETCH_MAX_WAIT_MS
+    if not (value.isdigit() and 1 <= int(value) <= 30_000):
+        raise ConfigError(f"SWITCHYARD_KAFKA_FETCH_MAX_WAIT_MS must be milliseconds from 1 to 30000, got {value!r}")
+    return int(value)
 
 
 def _port(value: str | None, name: str) -> int | None:

@@ -11,12 +11,19 @@ def test_defaults_leave_the_local_stack_to_start_what_is_missing(tmp_path):
     assert settings.bootstrap is None and settings.redis_url is None
     assert settings.dsn() == f"chdb://{tmp_path}/chdb"
     assert settings.topics.requests("batch") == "switchyard.requests.batch"
+    assert settings.kafka_fetch_wait_ms == 50
+
+
+def test_a_fetch_wait_is_taken_in_milliseconds():
+    assert Settings.from_env({"SWITCHYARD_KAFKA_FETCH_MAX_WAIT_MS": "1000"}).kafka_fetch_wait_ms == 1000
 
 
 @pytest.mark.parametrize("name, value", [
     ("SWITCHYARD_CLICKHOUSE_DSN", "mysql://x"),
     ("SWITCHYARD_REDIS_URL", "localhost:6379"),
     ("SWITCHYARD_REPLICATION_FACTOR", "zero"),
+    ("SWITCHYARD_KAFKA_FETCH_MAX_WAIT_MS", "0"),
+    ("SWITCHYARD_KAFKA_FETCH_MAX_WAIT_MS", "1s"),
 ])
 def test_a_bad_setting_is_named(name, value):
     with pytest.raises(ConfigError, match=name):
