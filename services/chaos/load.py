@@ -49,6 +49,7 @@ class Load:
     topics: Topics
     run: str  # in every request id: ids never repeat across drills
     rate_per_s: float = 4.0
+    fetch_wait_ms: int | None = None  # the rig's (Rig.fetch_wait_ms); None: the process's
     sent: dict[str, Sent] = field(default_factory=dict)
     replies: dict[str, list[Reply]] = field(default_factory=dict)
     dead_letters: list[tuple[float, DeadLetter]] = field(default_factory=list)
@@ -63,7 +64,8 @@ class Load:
         await kafka.ensure_topics(self.bootstrap, [self.topics.reply_spec(REPLY_TO)])
         self._producer = kafka.producer(self.bootstrap)
         await self._producer.start()
-        self._consumer = kafka.consumer(self.bootstrap, group_id=None, auto_offset_reset="earliest")
+        self._consumer = kafka.consumer(self.bootstrap, group_id=None, auto_offset_reset="earliest",
+                                        fetch_max_wait_ms=self.fetch_wait_ms or kafka.fetch_wait_ms())
         await self._consumer.start()
         await self._consumer.topics()
         partitions = []

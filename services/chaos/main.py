@@ -101,7 +101,7 @@ def main(data_dir: Path, scenarios: str, rate_per_s: float, drill: Drill, out: P
 
 
 async def _drills(rig: Rig, run: str, chosen: list[Scenario], rate_per_s: float, drill: Drill):
-    load = Load(rig.bootstrap, Topics(TOPIC_PREFIX), run, rate_per_s)
+    load = Load(rig.bootstrap, Topics(TOPIC_PREFIX), run, rate_per_s, rig.fetch_wait_ms)
     await load.start()
     try:
         load.begin("warmup")

@@ -6,7 +6,9 @@ data in memory, which a restart loses; a `durable` rig's Tansu stores in S3 (mot
 instead, where topics and committed offsets outlive it. That storage keeps up with a few
 messages a second here (each fetch lists the partition's objects), so a durable rig serves the
 provider model alone at a low rate: it is the broker-restart drill's, and the other drills run
-on the in-memory broker at full rate.
+on the in-memory broker at full rate. Its clients give a fetch DURABLE_FETCH_WAIT_MS: Tansu
+must list a partition's objects within a fetch's wait, and a listing cut short answers nothing,
+so at the default 50 ms a partition of a few hundred objects on a busy machine is never read.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ TOPIC_PREFIX = "chaos"
 STACK_START_TIMEOUT_S = 120
 STACK_STOP_TIMEOUT_S = 180
 PROVIDER_TIMEOUT_S = 1.5
+# Measured here on Tansu 0.6.0 and moto: with two busy loops on the two cores, 500 objects in a
+# partition gave empty fetches for 20 s at a 50 ms wait and were read in 1.9 s at 1000 ms. Tansu
+# answers only at the end of a wait, so each hop takes about a quarter of it more (300 ms).
+DURABLE_FETCH_WAIT_MS = 1000
 
 # One self-hosted tiny model and one provider model. Routes: plain, cached (repeats and exact
 # hits live in Redis), and provider-first with the self-hosted model to fall back on. A durable
@@ -78,6 +84,11 @@ class Rig:
         return self._broker.address
 
     @property
+    def fetch_wait_ms(self) -> int:
+        """How long its clients' fetches wait at the broker (SWITCHYARD_KAFKA_FETCH_MAX_WAIT_MS)."""
+        return DURABLE_FETCH_WAIT_MS if self.durable else kafka.fetch_wait_ms()
+
+    @property
     def clickhouse_dsn(self) -> str:
         return self.state["clickhouse_dsn"]
 
@@ -104,7 +115,8 @@ class Rig:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")}
         env.update(SWITCHYARD_DATA_DIR=str(self.data_dir), SWITCHYARD_POLICY=str(policy),
                    SWITCHYARD_BOOTSTRAP=self.bootstrap, SWITCHYARD_REDIS_URL=self._redis.address,
-                   SWITCHYARD_TOPIC_PREFIX=TOPIC_PREFIX, SWITCHYARD_EMBEDDINGS="off", PYTHONUNBUFFERED="1")
+                   SWITCHYARD_TOPIC_PREFIX=TOPIC_PREFIX, SWITCHYARD_EMBEDDINGS="off", PYTHONUNBUFFERED="1",
+                   SWITCHYARD_KAFKA_FETCH_MAX_WAIT_MS=str(self.fetch_wait_ms))
         env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         self._up = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up", "--models", ",".join(self.models)],
                                     env=env,
