@@ -108,6 +108,11 @@ _DOTTED = re.compile(r"\b(?<!\.)[^\W\d]\w*(?:\.\w+)+")
 _EXTENSION = re.compile(r"\.(?<![\w.]\.)[^\W\d_]\w{0,9}\b")
 _CALL = re.compile(r"\b(?<!\.)[^\W\d]\w*\(")
 _UNDERSCORED = re.compile(rf"\b_*{_W}+(?:_+{_W}+)+_*")
+# What a text must hold for the patterns above to match, found by a quick scan for a fixed
+# character: most texts hold none, and each saves a slow scan (a word boundary at every position).
+_SYMBOL_MARK = re.compile(r"[+#]|-c")  # _SYMBOL_LANGUAGE's "c++", "c#", "f#", "objective-c"
+_DOT_WORD = re.compile(r"\.\w")  # _DOTTED's "os.path", _EXTENSION's ".txt"
+_WORD_PAREN = re.compile(r"\((?<=\w\()")  # _CALL's "sqrt("
 # The word after "from", "to" or "into", past an article or a possessive.
 _DIRECTION = re.compile(r"\b(from|to|into)\s{1,8}(?:(?:the|a|an|my|your|our|their|his|her|its|this|that|these|those)"
                         r"\s{1,8})?([^\W\d_][\w'’-]*)")
@@ -144,9 +149,10 @@ class _TooMany(Exception):
     pass
 
 
-def _matches(pattern: re.Pattern, text: str, needs: str = "") -> list[re.Match]:
-    """The pattern's matches in text (none, without a scan, when text lacks `needs`)."""
-    if needs not in text:
+def _matches(pattern: re.Pattern, text: str, needs: str | re.Pattern = "") -> list[re.Match]:
+    """The pattern's matches in text (none, without a scan, when text lacks `needs`: a string it
+    must hold, or a pattern it must match somewhere, that finds it much faster than `pattern`)."""
+    if (needs not in text) if isinstance(needs, str) else (needs.search(text) is None):
         return []
     found = list(islice(pattern.finditer(text), MOST + 1))
     if len(found) > MOST:
@@ -175,7 +181,7 @@ def _features(text: str, small: str) -> dict:
     negations += small.count("n't") + small.count("n’t")
 
     identifiers = [(m.start(), _ALIASES.get(m.group(1), m.group(1))) for m in _matches(_LANGUAGE, small)]
-    identifiers += [(m.start(), m.group(0)) for m in _matches(_SYMBOL_LANGUAGE, small, "c")]
+    identifiers += [(m.start(), m.group(0)) for m in _matches(_SYMBOL_LANGUAGE, small, _SYMBOL_MARK)]
     cased = text != small  # any capital letter at all
     for match in _matches(_CAPITALIZED, text) if cased else ():
         word, start = match.group(1), match.start()
@@ -201,11 +207,11 @@ def _features(text: str, small: str) -> dict:
         if not (token.isupper() or (token.endswith("s") and token[:-1].isupper()) or name in _SKIPPED_NAMES):
             identifiers.append((match.start(), name))  # "MySQL", "iPhone"; not "USD", "APIs", "JavaScript"
 
-    for match in _matches(_DOTTED, small, "."):
+    for match in _matches(_DOTTED, small, _DOT_WORD):
         if max(map(len, match.group(0).split("."))) > 1:  # not "e.g"
             identifiers.append((match.start(), match.group(0)))
-    identifiers += [(m.start(), m.group(0)) for m in _matches(_EXTENSION, small, ".")]
-    identifiers += [(m.start(), m.group(0) + ")") for m in _matches(_CALL, small, "(")]
+    identifiers += [(m.start(), m.group(0)) for m in _matches(_EXTENSION, small, _DOT_WORD)]
+    identifiers += [(m.start(), m.group(0) + ")") for m in _matches(_CALL, small, _WORD_PAREN)]
     identifiers += [(m.start(), m.group(0)) for m in _matches(_UNDERSCORED, small, "_")]
     identifiers.sort()
 

@@ -77,6 +77,8 @@ def test_features_read_as_documented():
     assert features("Go to the settings page. Where is it?")["identifiers"] == []
     assert features("Is it written in Go or in C?")["identifiers"] == ["go", "c"]
     assert features("It is 30 °C outside")["identifiers"] == []
+    # A language named with a symbol, in a text with no other "c" (it used to need one).
+    assert features("Write it in F#, then port it.")["identifiers"] == ["f#"]
     # Shouting: when most words are capitals, capitals are not identifiers.
     assert signature("HOW DO I RESET MY PASSWORD") == signature("how do i reset my password")
 
