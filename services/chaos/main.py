@@ -127,7 +127,7 @@ async def _scenario(rig: Rig, load: Load, scenario: Scenario, drill: Drill) -> d
     seen = await scenario.inject(rig, load, drill)
     healed = time.monotonic()
     recovery_s = None
-    while time.monotonic() - healed < drill.recovery_timeout_s:
+    while time.monotonic() - healed < (scenario.recovery_timeout_s or drill.recovery_timeout_s):
         if await scenario.recovered(rig, load, healed, seen):
             recovery_s = round(time.monotonic() - healed, 1)
             break
@@ -141,13 +141,16 @@ async def _scenario(rig: Rig, load: Load, scenario: Scenario, drill: Drill) -> d
            "seen": _seen(load, scenario.name, seen)}
     _say(f"{scenario.name}: {row['sent']} sent, {row['answered']} answered, "
          + (f"recovered in {recovery_s} s" if recovery_s is not None else "NOT recovered"))
+    if "lingering" in seen:
+        _say(f"{scenario.name}: the killed process was still there {seen['lingering']['after_s']} s after the kill, "
+             f"gone after {seen.get('exit_s', '?')} s; its threads then: {json.dumps(seen['lingering']['threads'])}")
     return row
 
 
 def _seen(load: Load, scenario: str, seen: dict) -> dict:
     """What the fault showed on the way, made serialisable, with the counts its checks need."""
     since = seen.get("since", 0.0)
-    seen = {k: v for k, v in seen.items() if k not in ("since", "killed_pid", "router_pid")}
+    seen = {k: v for k, v in seen.items() if k not in ("since", "killed_pid", "killed_at", "router_pid")}
     if scenario == "poison-burst":
         seen["dead_letters"] = sum(1 for at, _ in load.dead_letters if at >= since)
         seen["error_replies"] = sum(1 for rid in seen["addressed"]
