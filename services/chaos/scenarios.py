@@ -8,7 +8,6 @@ way; `recovered` is polled from then on. Every scenario also checks the promises
 from __future__ import annotations
 
 import asyncio
-import glob
 import os
 import time
 from dataclasses import dataclass
@@ -68,7 +67,7 @@ LINGERING_S = 15.0
 
 def _watch_exit(seen: dict) -> None:
     """Note how long the killed process took to go (`switchyard up` restarts a service only once it
-    has reaped it) and, if it lingers, what its threads were doing: in state, kernel wait channel
+    has reaped it) and, if it lingers, what its threads were doing: their state, kernel wait channel
     and kernel stack. Linux only; elsewhere it notes nothing."""
     if "exit_s" in seen:
         return
@@ -82,13 +81,17 @@ def _watch_exit(seen: dict) -> None:
 
 def _threads(pid: int) -> list[dict]:
     out = []
-    for task in sorted(glob.glob(f"/proc/{pid}/task/*")):
+    try:
+        tasks = sorted(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:  # gone meanwhile
+        return out
+    for task in tasks:
         try:
-            head, _, rest = Path(task, "stat").read_text().rpartition(")")
+            head, _, rest = (task / "stat").read_text().rpartition(")")
             state = rest.split()[0]
-            thread = {"name": head.partition("(")[2], "state": state, "wchan": Path(task, "wchan").read_text()}
+            thread = {"name": head.partition("(")[2], "state": state, "wchan": (task / "wchan").read_text()}
             if state != "S":
-                thread["stack"] = Path(task, "stack").read_text().split("\n")[:8]
+                thread["stack"] = (task / "stack").read_text().split("\n")[:8]
             out.append(thread)
         except OSError:  # gone meanwhile, or a kernel stack we may not read
             continue
