@@ -175,6 +175,7 @@ class Parts:
     engines: list = field(default_factory=list)
     scenarios: list[str] = field(default_factory=list)
     served: dict[str, str] = field(default_factory=dict)  # request id -> the worker that ran it
+    pids: dict[str, int] = field(default_factory=dict)  # broker, redis-server and router, by name
 
 
 class Tagged:
@@ -403,12 +404,12 @@ async def efficiency(parts: Parts, settings: Settings, records: list[dict]) -> N
 
     # Run 1 drives the engine directly before any worker has it; later runs alternate with the
     # Kafka path while the worker (and the router) sit idle.
-    await measure(records, "efficiency", "direct", 1, lambda: direct(engine, requests("direct"), c))
+    await measure(parts, records, "efficiency", "direct", 1, lambda: direct(engine, requests("direct"), c))
     async with serving(parts, [engine], 64):
         for run in range(1, settings.runs + 1):
             if run > 1:
-                await measure(records, "efficiency", "direct", run, lambda: direct(engine, requests("direct"), c))
-            await measure(records, "efficiency", "kafka path", run, lambda: through_kafka(parts, requests("kafka"), c))
+                await measure(parts, records, "efficiency", "direct", run, lambda: direct(engine, requests("direct"), c))
+            await measure(parts, records, "efficiency", "kafka path", run, lambda: through_kafka(parts, requests("kafka"), c))
         # The batching scenario's max_in_flight=64 runs, on this same worker.
         if "batching" in parts.scenarios:
             await batching_runs(parts, settings, records, 64)
@@ -429,7 +430,7 @@ async def batching_runs(parts: Parts, settings: Settings, records: list[dict], m
     for run in range(1, settings.runs + 1):
         tag = uuid.uuid4().hex[:8]
         requests = parts.workload.chat_requests(n, f"batch {tag}", f"batch-{tag}", settings.max_tokens)
-        await measure(records, "batching", f"max_in_flight={max_in_flight}", run,
+        await measure(parts, records, "batching", f"max_in_flight={max_in_flight}", run,
                       lambda: through_kafka(parts, requests, None))
 
 
@@ -439,15 +440,18 @@ async def affinity(parts: Parts, settings: Settings, records: list[dict]) -> Non
         for run in range(1, settings.runs + 1):
             # Each run starts with another variant, so none is always the first after a quiet spell.
             for variant in VARIANTS[(run - 1) % 3:] + VARIANTS[:(run - 1) % 3]:
-                await measure(records, "affinity", variant, run, lambda: conversations(parts, variant, settings))
+                await measure(parts, records, "affinity", variant, run, lambda: conversations(parts, variant, settings))
 
 
-async def measure(records: list[dict], scenario: str, variant: str, run: int, body) -> None:
+async def measure(parts: Parts, records: list[dict], scenario: str, variant: str, run: int, body) -> None:
     what = f"{scenario} {variant} run {run}"
     record = {"scenario": scenario, "variant": variant, "run": run,
               "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
     try:
+        before = cpu_by_part(parts)
         record.update(await body())
+        after = cpu_by_part(parts)
+        record["cpu_s"] = {part: round(after[part] - before[part], 2) for part in after}
     except Exception as exc:  # noqa: BLE001 - one failed run is reported, the rest go on
         log.exception("%s failed", what)
         record["error"] = repr(exc)
@@ -458,6 +462,22 @@ async def measure(records: list[dict], scenario: str, variant: str, run: int, bo
                  else f"{record['tokens_out']} tokens out = {record['tok_s']} tok/s")
         say(f"{what}: {record['requests']} requests in {record['wall_s']} s; {extra}")
     records.append(record)
+
+
+def cpu_by_part(parts: Parts) -> dict[str, float]:
+    """CPU seconds used so far by each part on this machine: the engines' core processes (every
+    process this one started but the broker, redis-server and the router), this process (the
+    client, the workers and the engines' front ends, which turn their output into text), the router,
+    the broker and redis-server. Where the cores went in a run: on two cores, what the Kafka path
+    uses is taken from the engine."""
+    import psutil
+
+    named = {pid: name for name, pid in parts.pids.items()}
+    used = {"engine cores": 0.0, "this process": benchlib.cpu_seconds(os.getpid()) or 0.0,
+            **{name: 0.0 for name in parts.pids}}
+    for child in psutil.Process().children(recursive=True):
+        used[named.get(child.pid, "engine cores")] += benchlib.cpu_seconds(child.pid) or 0.0
+    return used
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,20 +560,23 @@ columns = benchlib.columns
 
 def table(records: list[dict]) -> str:
     head = ["scenario", "variant", "run", "requests", "wall s", "tok out", "tok/s", "TTFT ms", "queue ms",
-            "reply ms", "hit share", "same worker", "load"]
+            "reply ms", "hit share", "same worker", "engine cores", "other cores", "load"]
     rows = []
     for r in records:
         if r.get("error"):
-            rows.append([r["scenario"], r["variant"], str(r["run"]), "ERROR", *["-"] * 8,
+            rows.append([r["scenario"], r["variant"], str(r["run"]), "ERROR", *["-"] * 10,
                          fmt(r["loadavg_before"][0], 2)])
             continue
+        engine_s = r["cpu_s"]["engine cores"]
+        other_s = sum(r["cpu_s"].values()) - engine_s
         affinity_run = r["scenario"] == "affinity"
         rows.append([r["scenario"], r["variant"], str(r["run"]), str(r["requests"]), fmt(r["wall_s"], 2),
                      "-" if affinity_run else str(r["tokens_out"]), "-" if affinity_run else fmt(r["tok_s"], 0),
                      fmt(r["ttft_ms"].get("mean"), 0), fmt(r.get("queue_ms", {}).get("mean"), 0),
                      fmt(r.get("reply_ms", {}).get("mean"), 0),
                      fmt(r["hit_share"] if affinity_run else r["cached_tokens"] / max(1, r["tokens_in"]), 2),
-                     fmt(r.get("same_worker_share"), 2), fmt(r["loadavg_before"][0], 2)])
+                     fmt(r.get("same_worker_share"), 2), fmt(engine_s / r["wall_s"], 2), fmt(other_s / r["wall_s"], 2),
+                     fmt(r["loadavg_before"][0], 2)])
     return columns(head, rows)
 
 
@@ -624,6 +647,7 @@ async def bench(args, settings: Settings, scenarios: list[str], out: Path) -> in
         await ensure_topics(parts.bootstrap, topics.plan([MODEL]) + [topics.reply_spec(REPLY_TO)])
         parts.redis = Redis.from_url(parts.redis_url, socket_timeout=5, socket_connect_timeout=2)
         parts.router, close_router = await start_router(parts, policy_file, workdir / "router.log")
+        parts.pids = {"broker": broker.proc.pid, "redis-server": redis_proc.proc.pid, "router": parts.router.pid}
         closers.append(close_router)
         parts.client = Client(parts.bootstrap, reply_to=REPLY_TO, topics=topics, timeout_s=300)
         await parts.client.start()
@@ -666,7 +690,9 @@ async def bench(args, settings: Settings, scenarios: list[str], out: Path) -> in
           f"~{SYSTEM_PROMPT_TOKENS}-token system prompts, max_tokens {settings.turn_max_tokens}; TTFT = engine's "
           "(result.latency.ttft_ms), turns >= 2; hit share = cached / prompt tokens, turns >= 2; same worker = "
           "share of turns run by the worker that ran the conversation's previous turn. queue ms = created -> "
-          "the worker's engine taking it.")
+          "the worker's engine taking it. engine cores = CPU seconds of the engines' core processes / wall s; "
+          "other cores = the same for this process (client, workers, engine front ends), router, broker and "
+          "redis-server (JSON: cpu_s, by part).")
     doc = {
         "started_at": started_at.isoformat(timespec="seconds"),
         "machine": info,

@@ -21,6 +21,15 @@ def machine(note: str) -> dict:
             "note": note}
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far, every thread (None where /proc cannot tell)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def say(message: str) -> None:
     print(f"[bench] {message}", flush=True)
 
