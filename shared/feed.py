@@ -44,7 +44,7 @@ class CompactedFeed(Generic[M]):
 
     async def start(self) -> dict[bytes, M]:
         """Read the topic up to its end; the values in force."""
-        self._consumer = kafka.consumer(self._bootstrap, group_id=None)
+        self._consumer = kafka.consumer(self._bootstrap, group_id=None, off_path=True)
         await self._consumer.start()
         self._consumer.assign([self._tp])
         await self._consumer.seek_to_beginning(self._tp)

@@ -54,7 +54,8 @@ class Evaluator:
 
     async def run(self, stop: asyncio.Event) -> None:
         rebuilt = await self.rebuild()
-        async with kafka.consuming(self._bootstrap, [self._topics.samples], group_id=self._group_id) as (
+        async with kafka.consuming(self._bootstrap, [self._topics.samples], group_id=self._group_id,
+                                   off_path=True) as (
             consumer, producer
         ):
             log.info("evaluator consuming %s (baselines rebuilt from %d scores)", self._topics.samples, rebuilt)

@@ -93,7 +93,7 @@ class HealthBoard:
 
     async def follow(self, bootstrap: str, topics: Topics, stop: asyncio.Event) -> None:
         """Read the health topic from its end until `stop`; reports older than that are stale anyway."""
-        consumer = kafka.consumer(bootstrap, topics.health, group_id=None, auto_offset_reset="latest")
+        consumer = kafka.consumer(bootstrap, topics.health, group_id=None, auto_offset_reset="latest", off_path=True)
         await consumer.start()
         try:
             while not stop.is_set():

@@ -54,7 +54,7 @@ class Sink:
         self.last_booked_at: float | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with kafka.consuming(self._bootstrap, list(self._kinds), group_id=self._group_id) as (
+        async with kafka.consuming(self._bootstrap, list(self._kinds), group_id=self._group_id, off_path=True) as (
             consumer, producer
         ):
             log.info("sink consuming %s into ClickHouse (batches of up to %d rows or %.1f s)",

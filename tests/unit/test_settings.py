@@ -39,3 +39,21 @@ def test_clickhouse_dsns_that_clickhouse_connect_honours_are_accepted(dsn):
 def test_clickhouse_dsns_that_would_connect_somewhere_else_are_refused(dsn):
     with pytest.raises(ConfigError, match="SWITCHYARD_CLICKHOUSE_DSN"):
         Settings.from_env({"SWITCHYARD_CLICKHOUSE_DSN": dsn})
+
+
+@pytest.mark.parametrize("setting, on_path, off_path", [(None, 50, 500), ("1000", 1000, 1000)])
+async def test_consumers_off_the_request_path_wait_longer_at_the_broker(monkeypatch, setting, on_path, off_path):
+    # aiokafka sends this wait in every fetch; an idle consumer asks the broker once per wait.
+    from shared import kafka
+
+    if setting is None:
+        monkeypatch.delenv("SWITCHYARD_KAFKA_FETCH_MAX_WAIT_MS", raising=False)
+    else:
+        monkeypatch.setenv("SWITCHYARD_KAFKA_FETCH_MAX_WAIT_MS", setting)
+    kafka.fetch_wait_ms.cache_clear()
+    try:
+        waits = [kafka.consumer("127.0.0.1:9", group_id=None, off_path=off)._fetch_max_wait_ms  # noqa: SLF001
+                 for off in (False, True)]
+    finally:
+        kafka.fetch_wait_ms.cache_clear()
+    assert waits == [on_path, off_path]
