@@ -105,7 +105,7 @@ async def _drills(rig: Rig, run: str, chosen: list[Scenario], rate_per_s: float,
     await load.start()
     try:
         load.begin("warmup")
-        _say("waiting for every model to answer (vLLM on CPU takes a minute or so to start)")
+        _say("waiting for every model to answer (vLLM on CPU takes one to four minutes to start)")
         deadline = time.monotonic() + WARMUP_TIMEOUT_S
         while not all(answered_since(load, 0, model) for model in rig.models):
             if time.monotonic() > deadline:

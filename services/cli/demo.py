@@ -131,7 +131,7 @@ def _workload(rng: random.Random, requests: int) -> list[tuple[str, str, str, st
 async def _load(state: dict, requests: int, concurrency: int) -> dict:
     topics = Topics(state["topic_prefix"])
     async with Client(state["bootstrap"], reply_to="demo", topics=topics) as client:
-        _step("waiting for the workers' engines (vLLM on CPU takes a minute or so to start)")
+        _step("waiting for the workers' engines (vLLM on CPU takes one to four minutes to start)")
         warm = time.monotonic()
         await asyncio.gather(*(
             client.complete(tenant="warmup", route=route, messages=[{"role": "user", "content": "hello"}],
