@@ -51,6 +51,16 @@ RETRY_MAX_S = 10.0
 MAX_REQUEST_BYTES = 1024 * 1024  # a request larger than this is dead-lettered unread
 
 
+def _answered_before(p: "_Pending", passage, found) -> bool:
+    """Whether what would answer this request from memory (the exact cache, the semantic cache, or
+    the idempotency record) is its own earlier answer: the request is then a redelivery of one the
+    router forwarded but did not get to record, and a second answer would reach its sender twice."""
+    first = (passage.hit if passage.state == "exact"
+             else passage.claim.first if passage.claim is not None and passage.claim.state == "done"
+             else found[0] if found is not None else None)
+    return first is not None and first.request_id == p.request.id and first.tenant == p.request.tenant
+
+
 class Router:
     def __init__(self, *, bootstrap: str, topics: Topics, policies: PolicySet, forwarded: ForwardedLog,
                  limiter: TenantLimiter, feed: PolicyFeed | None = None, group_id: str = "router",
@@ -403,6 +413,10 @@ class Router:
         forward = []
         for p, passage in zip(candidates, passages):
             request, state = p.request, passage.state
+            if state != "redelivered" and _answered_before(p, passage, similar.get(id(p))):
+                # Forwarded and answered before this router recorded it (it died in between): what
+                # memory holds is this very request's answer, which its sender has already.
+                state = "redelivered"
             if state == "redelivered":
                 self.counts["redelivered"] += 1
             elif state == "conflict":

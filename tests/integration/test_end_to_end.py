@@ -8,8 +8,10 @@ import uuid
 import orjson
 import pytest
 from aiokafka.structs import TopicPartition
+from redis.asyncio import Redis
 
 from schemas import DeadLetter, InferenceRequest, InferenceResult, Status
+from services.router.seen import ForwardedLog
 from shared import kafka
 from shared.codec import decode, encode
 from shared.topics import request_key
@@ -162,6 +164,38 @@ async def test_a_redelivered_request_runs_and_bills_once(worker, router, sink, c
     books = await wait_for_rows(store, "tenant = {t:String}", 1, {"t": tenant})
     assert books["records"] == 1
     assert router.counts["redelivered"] >= 2
+
+
+@pytest.mark.parametrize("route", ["chat", "cached"])
+async def test_a_request_answered_before_the_router_recorded_it_is_not_answered_again(
+        route, worker, router, sink, client, broker, topics, store, redis_url):
+    """A router killed after forwarding a request but before writing it to the forwarded log reads it
+    again once restarted; by then its answer may be in the idempotency record ("chat") or the exact
+    cache ("cached"). That answer is this request's own: its sender has it, and it is booked."""
+    (tenant,) = tenants(1)
+    request = InferenceRequest(tenant=tenant, route=route, prompt="answered before the router knew",
+                               reply_to=client.reply_to)
+    producer = kafka.producer(broker)
+    await producer.start()
+    redis = Redis.from_url(redis_url)
+    try:
+        first = client.track(request.id)
+        await producer.send_and_wait(topics.requests("standard"), encode(request), key=request_key(route))
+        assert (await asyncio.wait_for(first, 60)).status == Status.ok
+        # What a router that died before recording the forwarding left behind.
+        assert await redis.delete(ForwardedLog.key(tenant, request.id)) == 1
+        redelivered = router.counts["redelivered"]
+        again = client.track(request.id)
+        await producer.send_and_wait(topics.requests("standard"), encode(request), key=request_key(route))
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(again), 5)
+        assert router.counts["redelivered"] == redelivered + 1
+    finally:
+        await producer.stop()
+        await redis.aclose()
+    # Waits for a second record as long as the sink could take to book one, then counts.
+    books = await wait_for_rows(store, "tenant = {t:String}", 2, {"t": tenant}, timeout_s=8)
+    assert books["records"] == 1
 
 
 async def test_a_reused_request_id_with_different_content_is_refused(worker, router, client):
