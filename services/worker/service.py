@@ -64,6 +64,7 @@ class Worker:
         self._offsets = OffsetTracker()
         self._committed: dict[TopicPartition, int] = {}
         self._tasks: dict[asyncio.Task, TopicPartition] = {}
+        self._running: dict[tuple[str, str, int], asyncio.Task] = {}  # the last copy taken of each attempt
         self._room = asyncio.Event()  # set when a request finishes: a slot is free
         self._consumer = None
         self._fatal: BaseException | None = None
@@ -181,6 +182,23 @@ class Worker:
         except UndecodableMessage as exc:
             await delivered(outcomes.dead_letter(record, exc.code, str(exc)))
             return
+        key = (routed.request.tenant, routed.request.id, routed.attempt)
+        earlier = self._running.get(key)
+        me = self._running[key] = asyncio.current_task()
+        try:
+            if earlier is not None:
+                # A second copy of an attempt this worker is running: a router that died after
+                # forwarding it, before recording that, forwards it again. It waits for the first
+                # copy to end and is then answered as any redelivery is: from the ledger.
+                log.info("request %s attempt %d is here twice; the second copy waits for the first",
+                         routed.request.id, routed.attempt)
+                await asyncio.wait([earlier])
+            await self._answer_once(routed, outcomes)
+        finally:
+            if self._running.get(key) is me:
+                del self._running[key]
+
+    async def _answer_once(self, routed: RoutedRequest, outcomes: Outcomes) -> None:
         request = routed.request
         outcome = await self._ledger.get(request.tenant, request.id, routed.attempt) if self._ledger is not None else None
         if outcome is not None and outcome.delivered:

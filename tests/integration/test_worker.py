@@ -179,6 +179,42 @@ async def test_a_redelivered_request_is_answered_from_its_record_not_run_again(w
     assert books["records"] == 1 and books["tokens_out"] == answer.tokens_out
 
 
+async def test_two_copies_of_a_request_taken_together_run_once(worker, broker, topics, client, sink, store,
+                                                                policies):
+    """A router that dies after forwarding a request, before recording it, forwards it again once
+    restarted, maybe while the first copy is still running: the second copy waits for the first and
+    is answered from its record. One run, one answer, one cost record."""
+    who = tenant()
+    request = InferenceRequest(tenant=who, route="chat", reply_to=client.reply_to,
+                               messages=[{"role": "user", "content": "say something random, twice"}],
+                               sampling=Sampling(max_tokens=64, temperature=1.0))
+    routed = decide(request, policies)
+    producer = kafka.producer(broker)
+    await producer.start()
+    seen = len(worker.lines)
+    try:
+        first = client.track(request.id)
+        # In one produce batch, so the worker takes both in one fetch.
+        sent = [await producer.send(topics.model("small"), encode(routed), key=routed.prefix_hash.encode())
+                for _ in range(2)]
+        await asyncio.gather(*sent)
+        answer = await asyncio.wait_for(first, 60)
+        deadline = time.monotonic() + 60
+        while not any(f"request {request.id} attempt 0 was answered before" in line for line in worker.lines[seen:]):
+            assert time.monotonic() < deadline, "".join(worker.lines[-20:])
+            await asyncio.sleep(0.2)
+    finally:
+        await producer.stop()
+    assert any(f"request {request.id} attempt 0 is here twice" in line for line in worker.lines[seen:])
+    assert answer.status == Status.ok and answer.tokens_out > 0
+    replies = await replies_on(broker, topics.replies(client.reply_to), {request.id})
+    assert len(replies[request.id]) == 1
+    await wait_for_rows(store, "tenant = {t:String}", 1, {"t": who})
+    # The sink books on a 0.2 s timer: a second record, were there one, would be in by now.
+    books = await wait_for_rows(store, "tenant = {t:String}", 2, {"t": who}, timeout_s=3)
+    assert books["records"] == 1 and books["tokens_out"] == answer.tokens_out
+
+
 class _Engine:
     """A backend that answers at once, or (hanging) never, until it is cancelled."""
 
