@@ -18,6 +18,20 @@ def encode(message: BaseModel) -> bytes:
     return orjson.dumps(message.model_dump(mode="json", exclude_none=True))
 
 
+def replaced(model: M, **changes) -> M:
+    """`model.model_copy(update=changes)` for the hot paths: the same shallow copy (no validation,
+    the changed fields marked set), without the generic copy.copy calls that made model_copy cost
+    the router about 3 µs a call. For models without extra fields or private attributes, as every
+    wire model is."""
+    cls = type(model)
+    new = cls.__new__(cls)
+    object.__setattr__(new, "__dict__", {**model.__dict__, **changes})
+    object.__setattr__(new, "__pydantic_extra__", None)
+    object.__setattr__(new, "__pydantic_fields_set__", model.__pydantic_fields_set__ | changes.keys())
+    object.__setattr__(new, "__pydantic_private__", None)
+    return new
+
+
 def decode(kind: type[M], data: bytes | None) -> M:
     if data is None:
         raise UndecodableMessage("empty message (no value)")

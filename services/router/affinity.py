@@ -11,7 +11,8 @@ fresh report there is no evidence, and affinity holds.
 
 from __future__ import annotations
 
-from aiokafka.partitioner import murmur2
+import struct
+
 from prometheus_client import Counter
 
 from services.router.health import HealthBoard
@@ -20,9 +21,42 @@ SPILLED = Counter("switchyard_router_affinity_spills_total",
                   "Requests sent away from their prefix's partition because it had too many waiting.", ["model"])
 
 
+_M32 = 0xFFFFFFFF
+_MIX = 0x5BD1E995
+_HOMES: dict[tuple[bytes, int], int] = {}  # a conversation's turns share their key
+_HOMES_MAX = 65_536
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (the Java client's Utils.murmur2), as aiokafka.partitioner.murmur2 computes
+    it, in about a third of the time: the 4-byte words unpacked at once, fewer masks."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    for k in struct.unpack_from(f"<{length // 4}I", data):
+        k = (k * _MIX) & _M32
+        k = ((k ^ (k >> 24)) * _MIX) & _M32
+        h = ((h * _MIX) & _M32) ^ k
+    tail = length & ~3
+    extra = length - tail
+    if extra >= 3:
+        h ^= data[tail + 2] << 16
+    if extra >= 2:
+        h ^= data[tail + 1] << 8
+    if extra >= 1:
+        h = ((h ^ data[tail]) * _MIX) & _M32
+    h ^= h >> 13
+    h = (h * _MIX) & _M32
+    return h ^ (h >> 15)
+
+
 def home_partition(key: bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner picks for `key` (murmur2, as the Java client)."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    home = _HOMES.get((key, partitions))
+    if home is None:
+        if len(_HOMES) >= _HOMES_MAX:
+            _HOMES.clear()
+        home = _HOMES[(key, partitions)] = (murmur2(key) & 0x7FFFFFFF) % partitions
+    return home
 
 
 class Affinity:

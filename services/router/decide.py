@@ -13,6 +13,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from schemas import Hop, InferenceRequest, ModelPrice, PolicySet, RoutedRequest, RoutePolicy, now_ms
+from shared.codec import replaced
 from shared.prefix import prefix_hash
 from shared.errors import EscalationNotAllowed, InputError, InputTooLarge, UnknownRoute
 
@@ -149,7 +150,7 @@ def decide(request: InferenceRequest, policies: PolicySet, *, tokens_in: int | N
     chosen = candidates[0][1]
     why.append(f"cheapest capable model at tier {policies.models[chosen].tier} or above")
     if max_tokens != request.sampling.max_tokens:
-        request = request.model_copy(update={"sampling": request.sampling.model_copy(update={"max_tokens": max_tokens})})
+        request = replaced(request, sampling=replaced(request.sampling, max_tokens=max_tokens))
     return RoutedRequest(
         request=request,
         model=chosen,

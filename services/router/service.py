@@ -34,7 +34,7 @@ from services.router.priority import Lanes
 from services.router.seen import ForwardedLog, content_digest
 from shared import kafka
 from shared import metrics as shared_metrics
-from shared.codec import decode, encode
+from shared.codec import decode, encode, replaced
 from shared.errors import InputError, UndecodableMessage
 from shared.memory import Claim, Memory, cache_namespace, content_hash, exact_key, idempotency_key, replay
 from shared.outcomes import Outcomes, cost_record, error_result
@@ -93,6 +93,7 @@ class Router:
         self._affinity = Affinity(health)
         self.lanes: Lanes | None = None
         self.counts: Counter[str] = Counter()
+        self._tally = metrics.Tally()  # this batch's counts, for the Prometheus counters
         # (tenant, id) -> content digest of what this router answered or forwarded in rounds not yet
         # settled: the forwarded log learns of them only then.
         self._unsettled: dict[tuple[str, str], str] = {}
@@ -194,6 +195,13 @@ class Router:
     async def _route(self, records: list[ConsumerRecord], outcomes: Outcomes,
                      taken: float | None = None) -> tuple[list[_Answer], list[asyncio.Future]]:
         """Answer or forward each record of a batch; what was sent, to be settled."""
+        try:
+            return await self._route_batch(records, outcomes, taken)
+        finally:
+            self._tally.flush()
+
+    async def _route_batch(self, records: list[ConsumerRecord], outcomes: Outcomes,
+                           taken: float | None) -> tuple[list[_Answer], list[asyncio.Future]]:
         taken = time.perf_counter() if taken is None else taken
         answers: list[_Answer] = []
         best_effort: list[asyncio.Future] = []
@@ -254,14 +262,14 @@ class Router:
                 p.final = (Status.rejected, exc.code, str(exc))
                 continue
             if p.guarded:
-                p.routed = p.routed.model_copy(update={"reasons": [*p.routed.reasons, *p.guarded]})
+                p.routed = replaced(p.routed, reasons=[*p.routed.reasons, *p.guarded])
 
         forward = await self._through_gate(candidates, answers, outcomes)
         for p in forward:
             request, routed = p.request, p.routed
             self._count(request.route, "routed")
-            metrics.decisions(self._label(request.route), routed.tier or "", routed.model,
-                                     metrics.basis(routed.reasons[0])).inc()
+            self._tally.add(metrics.decisions, self._label(request.route), routed.tier or "", routed.model,
+                            metrics.basis(routed.reasons[0]))
             try:
                 value = encode(routed)
             except (TypeError, ValueError) as exc:  # a value the wire format cannot carry
@@ -434,10 +442,10 @@ class Router:
                     retry_after_ms=refusal.retry_after_ms)))
             else:
                 if p.exact_key is not None:
-                    metrics.cache(self._label(request.route), "exact", "hit" if state == "exact" else "miss").inc()
+                    self._tally.add(metrics.cache, self._label(request.route), "exact", "hit" if state == "exact" else "miss")
                 found = similar.get(id(p))
                 if state != "exact" and id(p) in similar:
-                    metrics.cache(self._label(request.route), "semantic", "hit" if found else "miss").inc()
+                    self._tally.add(metrics.cache, self._label(request.route), "semantic", "hit" if found else "miss")
                 if state == "exact":
                     self._count(request.route, "cache_exact")
                     answers.append(_Answer(p.record, p.entry, await self._answer(
@@ -456,16 +464,16 @@ class Router:
         result, leave it waiting for that result, or forward it."""
         if claim is not None and claim.state == "done":
             self._count(p.request.route, "repeat_answered")
-            metrics.cache(self._label(p.request.route), "idempotency", "hit").inc()
+            self._tally.add(metrics.cache, self._label(p.request.route), "idempotency", "hit")
             answers.append(_Answer(p.record, p.entry, await self._answer(
                 outcomes, p.request, claim.first, CacheHit.idempotent)))
         elif claim is not None and claim.state == "waiting":
             # The worker running the first one answers this one too when it finishes.
             self._count(p.request.route, "repeat_waiting")
-            metrics.cache(self._label(p.request.route), "idempotency", "wait").inc()
+            self._tally.add(metrics.cache, self._label(p.request.route), "idempotency", "wait")
             answers.append(_Answer(p.record, p.entry, []))
         else:
-            p.routed = p.routed.model_copy(update={"memo": self._memo(p, claim is not None)})
+            p.routed = replaced(p.routed, memo=self._memo(p, claim is not None))
             forward.append(p)
 
     def _semantic_lookups(self, candidates: list[_Pending]) -> dict[int, tuple | None]:
@@ -503,7 +511,7 @@ class Router:
 
     def _count(self, route: str, outcome: str) -> None:
         self.counts[outcome] += 1
-        metrics.requests(self._label(route), outcome).inc()
+        self._tally.add(metrics.requests, self._label(route), outcome)
 
     def _label(self, route: str) -> str:
         """A sender may name any route (the default policy may serve it): only the policy's own

@@ -21,6 +21,20 @@ def key_with_home(partition: int) -> bytes:
     return next(k for i in range(10_000) if home_partition(k := f"conv-{i}".encode(), PARTITIONS) == partition)
 
 
+def test_murmur2_is_aiokafkas_for_every_length_and_byte():
+    import random
+
+    from aiokafka.partitioner import murmur2 as reference
+
+    from services.router.affinity import murmur2
+
+    rng = random.Random(7)
+    keys = [bytes(rng.randrange(256) for _ in range(n)) for n in range(70) for _ in range(20)]
+    keys += [b"", b"\xff" * 33, b"0123456789abcdef0123456789abcdef"]
+    for key in keys:
+        assert murmur2(key) == reference(key), key
+
+
 def test_home_partition_is_kafkas_default_partitioner():
     from aiokafka.partitioner import DefaultPartitioner
 

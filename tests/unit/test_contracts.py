@@ -1,6 +1,7 @@
 """The wire contract: round trips, validation that names the field, and checked-in JSON Schemas in sync."""
 
 import orjson
+from pydantic import ValidationError
 import pytest
 
 from schemas import (
@@ -107,3 +108,16 @@ def test_checked_in_json_schemas_match_the_models():
     assert set(on_disk) == set(expected), "schema files differ from schemas.EXPORTED; run python -m schemas.export"
     for name, text in expected.items():
         assert on_disk[name] == text, f"{name} drifted from its model; run python -m schemas.export"
+
+
+def test_replaced_is_model_copy_with_update():
+    from shared.codec import replaced
+
+    request = InferenceRequest(tenant="acme", route="chat", reply_to="r", prompt="hi")
+    fast = replaced(request, sampling=replaced(request.sampling, max_tokens=8))
+    slow = request.model_copy(update={"sampling": request.sampling.model_copy(update={"max_tokens": 8})})
+    assert fast == slow and fast.sampling.max_tokens == 8 and request.sampling.max_tokens != 8
+    assert fast.model_fields_set == slow.model_fields_set and "sampling" in fast.model_fields_set
+    assert encode(fast) == encode(slow)
+    with pytest.raises(ValidationError):  # still frozen
+        fast.route = "other"
