@@ -134,13 +134,26 @@ async def test_generation_past_the_deadline_is_cut_short_and_answered_expired(wo
     assert books["records"] == 1 and books["tokens_out"] == result.tokens_out and books["cost_nano_usd"] > 0
 
 
+def _sampled(who: str, client, policies, content: str, max_tokens: int) -> RoutedRequest:
+    """A chat request sampled at temperature 1 (a re-run would not write the same text), as the router routes it."""
+    return decide(InferenceRequest(tenant=who, route="chat", reply_to=client.reply_to,
+                                   messages=[{"role": "user", "content": content}],
+                                   sampling=Sampling(max_tokens=max_tokens, temperature=1.0)), policies)
+
+
+async def _logged(worker, seen: int, text: str, timeout_s: float = 60) -> None:
+    """Wait until the worker's log, after its first `seen` lines, has a line with `text`."""
+    deadline = time.monotonic() + timeout_s
+    while not any(text in line for line in worker.lines[seen:]):
+        assert time.monotonic() < deadline, "".join(worker.lines[-20:])
+        await asyncio.sleep(0.2)
+
+
 async def test_a_redelivered_request_is_answered_from_its_record_not_run_again(worker, broker, topics, client,
                                                                                 sink, store, policies, redis_url):
     who = tenant()
-    request = InferenceRequest(tenant=who, route="chat", reply_to=client.reply_to,
-                               messages=[{"role": "user", "content": "say something random"}],
-                               sampling=Sampling(max_tokens=16, temperature=1.0))
-    routed = decide(request, policies)
+    routed = _sampled(who, client, policies, "say something random", 16)
+    request = routed.request
     redis = Redis.from_url(redis_url)
     producer = kafka.producer(broker)
     await producer.start()
@@ -165,10 +178,7 @@ async def test_a_redelivered_request_is_answered_from_its_record_not_run_again(w
         # Redelivered once more, now that its answer reached the broker: nothing is sent at all.
         seen = len(worker.lines)
         await redeliver()
-        deadline = time.monotonic() + 60
-        while not any(f"request {request.id} attempt 0 was answered before" in line for line in worker.lines[seen:]):
-            assert time.monotonic() < deadline, "".join(worker.lines[-20:])
-            await asyncio.sleep(0.2)
+        await _logged(worker, seen, f"request {request.id} attempt 0 was answered before")
     finally:
         await producer.stop()
         await redis.aclose()
@@ -185,10 +195,8 @@ async def test_two_copies_of_a_request_taken_together_run_once(worker, broker, t
     restarted, maybe while the first copy is still running: the second copy waits for the first and
     is answered from its record. One run, one answer, one cost record."""
     who = tenant()
-    request = InferenceRequest(tenant=who, route="chat", reply_to=client.reply_to,
-                               messages=[{"role": "user", "content": "say something random, twice"}],
-                               sampling=Sampling(max_tokens=64, temperature=1.0))
-    routed = decide(request, policies)
+    routed = _sampled(who, client, policies, "say something random, twice", 64)
+    request = routed.request
     producer = kafka.producer(broker)
     await producer.start()
     seen = len(worker.lines)
@@ -199,10 +207,7 @@ async def test_two_copies_of_a_request_taken_together_run_once(worker, broker, t
                 for _ in range(2)]
         await asyncio.gather(*sent)
         answer = await asyncio.wait_for(first, 60)
-        deadline = time.monotonic() + 60
-        while not any(f"request {request.id} attempt 0 was answered before" in line for line in worker.lines[seen:]):
-            assert time.monotonic() < deadline, "".join(worker.lines[-20:])
-            await asyncio.sleep(0.2)
+        await _logged(worker, seen, f"request {request.id} attempt 0 was answered before")
     finally:
         await producer.stop()
     assert any(f"request {request.id} attempt 0 is here twice" in line for line in worker.lines[seen:])
