@@ -27,7 +27,7 @@ from services.router.affinity import Affinity
 from services.router.decide import admit, decide, estimate_tokens, tiers_of
 from services.router.embed import asked_text, asked_tokens, conversation_text
 from services.router.feed import PolicyFeed
-from services.router.gate import Ask, Gate
+from services.router.gate import Ask, Gate, Passage
 from services.router.health import HealthBoard
 from services.router.limits import TenantLimiter
 from services.router.priority import Lanes
@@ -51,7 +51,7 @@ RETRY_MAX_S = 10.0
 MAX_REQUEST_BYTES = 1024 * 1024  # a request larger than this is dead-lettered unread
 
 
-def _answered_before(p: "_Pending", passage, found) -> bool:
+def _answered_before(p: _Pending, passage: Passage, found: tuple | None) -> bool:
     """Whether what would answer this request from memory (the exact cache, the semantic cache, or
     the idempotency record) is its own earlier answer: the request is then a redelivery of one the
     router forwarded but did not get to record, and a second answer would reach its sender twice."""
@@ -420,8 +420,8 @@ class Router:
 
         forward = []
         for p, passage in zip(candidates, passages):
-            request, state = p.request, passage.state
-            if state != "redelivered" and _answered_before(p, passage, similar.get(id(p))):
+            request, state, found = p.request, passage.state, similar.get(id(p))
+            if state != "redelivered" and _answered_before(p, passage, found):
                 # Forwarded and answered before this router recorded it (it died in between): what
                 # memory holds is this very request's answer, which its sender has already.
                 state = "redelivered"
@@ -443,7 +443,6 @@ class Router:
             else:
                 if p.exact_key is not None:
                     self._tally.add(metrics.cache, self._label(request.route), "exact", "hit" if state == "exact" else "miss")
-                found = similar.get(id(p))
                 if state != "exact" and id(p) in similar:
                     self._tally.add(metrics.cache, self._label(request.route), "semantic", "hit" if found else "miss")
                 if state == "exact":
