@@ -21,6 +21,10 @@ router, broker and Redis, on this machine. Three scenarios, each with the issue'
               TTFT (result.latency.ttft_ms) over turns >= 2: 'prefix' target >= 41% lower than
               'spread'. Also the prefix-cache hit share (sum cached_tokens / sum tokens_in) and how
               often a turn ran on the worker that ran the conversation's previous turn.
+              Then the bound: engine A driven directly with half the conversations, once with every
+              turn finding its conversation's KV blocks ('engine alone, warm') and once with none
+              finding any ('engine alone, cold'): how much of TTFT prefix reuse can save on this
+              model at all, whatever the placement (no target; spread itself hits about half).
 
 The router runs in its own process (`switchyard router`), as deployed; the client and the workers
 share this process's event loop; the engines' cores run in their own processes; broker and
@@ -103,6 +107,7 @@ QUICK = Settings(runs=1, requests=256, concurrency=32, max_tokens=64, one_at_a_t
                  conversations=16, turns=3, turn_max_tokens=32)
 SCENARIOS = ("efficiency", "batching", "affinity")
 VARIANTS = ("prefix", "spread", "session")
+ENGINE_ALONE = ("warm", "cold")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,6 +446,45 @@ async def affinity(parts: Parts, settings: Settings, records: list[dict]) -> Non
             # Each run starts with another variant, so none is always the first after a quiet spell.
             for variant in VARIANTS[(run - 1) % 3:] + VARIANTS[:(run - 1) % 3]:
                 await measure(parts, records, "affinity", variant, run, lambda: conversations(parts, variant, settings))
+            for variant in ENGINE_ALONE[(run - 1) % 2:] + ENGINE_ALONE[:(run - 1) % 2]:
+                await measure(parts, records, "affinity", f"engine alone, {variant}", run,
+                              lambda: engine_alone(parts, variant, settings))
+
+
+async def engine_alone(parts: Parts, variant: str, settings: Settings) -> dict:
+    """What prefix reuse can save on this model at all, without Kafka, router or placement: engine A
+    driven directly with half the conversations (what each of two workers has), turn by turn as in
+    `conversations`, every conversation's next turn at once. 'warm': a conversation's prompt starts
+    the same at every turn, so each turn finds the KV blocks of the one before (affinity at its best);
+    'cold': the same prompts behind a tag new at every turn, so no turn finds any (none at all)."""
+    from schemas import InferenceRequest
+
+    engine = parts.engines[0]
+    tag = uuid.uuid4().hex[:8]
+    n = max(1, settings.conversations // 2)
+    systems = [parts.workload.system_prompt(f"assistant {tag}-{c}") for c in range(n)]
+    history: list[list[dict]] = [[] for _ in range(n)]
+    turns = []
+    started = time.perf_counter()
+    for turn in range(settings.turns):
+        requests: list[InferenceRequest] = []
+        head = f"[{tag} {turn}] " if variant == "cold" else f"[{tag}] "
+        for c in range(n):
+            history[c].append({"role": "user", "content": parts.workload.user_turn()})
+            requests.append(chat(f"alone-{tag}", [{"role": "system", "content": head + systems[c]}, *history[c]],
+                                 settings.turn_max_tokens))
+        done = await asyncio.gather(*(engine.run(r, request_id=f"alone-{uuid.uuid4().hex}",
+                                                 max_tokens=r.sampling.max_tokens) for r in requests))
+        for c, d in enumerate(done):
+            history[c].append({"role": "assistant", "content": d.text})
+        turns.append(done)
+    later = [d for done in turns[1:] for d in done]
+    return {"conversations": n, "turns": settings.turns, "requests": sum(map(len, turns)),
+            "wall_s": round(time.perf_counter() - started, 3),
+            "hit_share": round(sum(d.cached_tokens for d in later) / max(1, sum(d.tokens_in for d in later)), 3),
+            "ttft_ms": summary([d.ttft_ms for d in later if d.ttft_ms is not None]),
+            "ttft_ms_turn1": summary([d.ttft_ms for d in turns[0] if d.ttft_ms is not None]),
+            "same_worker_share": None}
 
 
 async def measure(parts: Parts, records: list[dict], scenario: str, variant: str, run: int, body) -> None:
@@ -543,6 +587,12 @@ def targets(records: list[dict], scenarios: list[str]) -> list[dict]:
         out.append({"scenario": "affinity", "measure": "(for comparison) session key vs spread",
                     "value": value,
                     "shown": f"{lower(value)} ({session} vs {rr} ms)" if value is not None else "-",
+                    "target": "no target", "met": None})
+        warm, cold = pooled_ttft(records, "engine alone, warm"), pooled_ttft(records, "engine alone, cold")
+        value = round(1 - warm / cold, 3) if warm and cold else None
+        out.append({"scenario": "affinity", "measure": "(the bound) engine alone, every turn warm vs every turn cold",
+                    "value": value,
+                    "shown": f"{lower(value)} ({warm} vs {cold} ms)" if value is not None else "-",
                     "target": "no target", "met": None})
     return out
 
