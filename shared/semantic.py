@@ -125,6 +125,7 @@ class SemanticIndex:
         self._task: asyncio.Task | None = None
         self.entries_seen = 0
         self.degraded = False
+        _blas()
 
     def add(self, namespace: str, vector: np.ndarray, result: bytes, expires: float, max_entries: int,
             signature: str) -> None:
@@ -218,12 +219,18 @@ def _one_blas_thread():
     """numpy's BLAS on one thread for lookups: its threads spin for a while after each product,
     which cost the router more CPU than the products themselves between small batches (and the
     cores are the broker's and the workers' too)."""
+    return _blas().limit(limits=1)
+
+
+def _blas():
+    """The controller of numpy's OpenBLAS, found once: finding it scans every library loaded in the
+    process (5 ms here, more beside torch), which the first lookup must not wait for."""
     global _BLAS
     if _BLAS is None:
         from threadpoolctl import ThreadpoolController
 
         _BLAS = ThreadpoolController().select(internal_api="openblas")
-    return _BLAS.limit(limits=1)
+    return _BLAS
 
 
 def _as_int(signature: str) -> int:

@@ -7,6 +7,7 @@ import pytest
 
 from schemas import InferenceResult
 from shared.codec import encode
+from shared import semantic
 from shared.semantic import SemanticIndex, pack, unpack
 
 
@@ -116,3 +117,15 @@ def test_a_lookup_scores_only_its_signature_and_finds_what_a_scan_of_the_whole_r
     assert len(found) > 100
     # Evicted entries (0-99) and expired ones never answer.
     assert all(int(out) >= 100 and int(out) % 29 for out, _ in found)
+
+
+def test_the_blas_controller_is_found_with_the_index_not_on_the_first_lookup(monkeypatch):
+    # Finding it scans every library loaded in the process: a router's first semantic lookup waited for that.
+    monkeypatch.setattr(semantic, "_BLAS", None)
+    SemanticIndex(redis=None)
+    found = semantic._BLAS
+    assert found is not None
+    index = SemanticIndex(redis=None)
+    index.add("c:t", unit(1, 0, 0), result("paris"), time.time() + 60, max_entries=10, signature=SIG)
+    assert index.lookup("c:t", unit(1, 0.2, 0), threshold=0.95, signature=SIG) is not None
+    assert semantic._BLAS is found
