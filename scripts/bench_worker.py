@@ -457,8 +457,6 @@ async def engine_alone(parts: Parts, variant: str, settings: Settings) -> dict:
     `conversations`, every conversation's next turn at once. 'warm': a conversation's prompt starts
     the same at every turn, so each turn finds the KV blocks of the one before (affinity at its best);
     'cold': the same prompts behind a tag new at every turn, so no turn finds any (none at all)."""
-    from schemas import InferenceRequest
-
     engine = parts.engines[0]
     tag = uuid.uuid4().hex[:8]
     n = max(1, settings.conversations // 2)
@@ -467,7 +465,7 @@ async def engine_alone(parts: Parts, variant: str, settings: Settings) -> dict:
     turns = []
     started = time.perf_counter()
     for turn in range(settings.turns):
-        requests: list[InferenceRequest] = []
+        requests = []
         head = f"[{tag} {turn}] " if variant == "cold" else f"[{tag}] "
         for c in range(n):
             history[c].append({"role": "user", "content": parts.workload.user_turn()})
@@ -481,7 +479,7 @@ async def engine_alone(parts: Parts, variant: str, settings: Settings) -> dict:
     later = [d for done in turns[1:] for d in done]
     return {"conversations": n, "turns": settings.turns, "requests": sum(map(len, turns)),
             "wall_s": round(time.perf_counter() - started, 3),
-            "hit_share": round(sum(d.cached_tokens for d in later) / max(1, sum(d.tokens_in for d in later)), 3),
+            "hit_share": hit_share(later),
             "ttft_ms": summary([d.ttft_ms for d in later if d.ttft_ms is not None]),
             "ttft_ms_turn1": summary([d.ttft_ms for d in turns[0] if d.ttft_ms is not None]),
             "same_worker_share": None}

@@ -122,10 +122,9 @@ def test_a_lookup_scores_only_its_signature_and_finds_what_a_scan_of_the_whole_r
 def test_the_blas_controller_is_found_with_the_index_not_on_the_first_lookup(monkeypatch):
     # Finding it scans every library loaded in the process: a router's first semantic lookup waited for that.
     monkeypatch.setattr(semantic, "_BLAS", None)
-    SemanticIndex(redis=None)
+    index = SemanticIndex(redis=None)
     found = semantic._BLAS
     assert found is not None
-    index = SemanticIndex(redis=None)
     index.add("c:t", unit(1, 0, 0), result("paris"), time.time() + 60, max_entries=10, signature=SIG)
     assert index.lookup("c:t", unit(1, 0.2, 0), threshold=0.95, signature=SIG) is not None
     assert semantic._BLAS is found
